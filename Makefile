@@ -1,0 +1,56 @@
+# `make` is the entry point for everything; see README.md.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+CONFIG ?= authpool_server/example-config.json
+LISTEN ?= 127.0.0.1:50051
+
+.PHONY: help venv run test test-unit test-integration bench lint format proto proto-check clean
+
+help:
+	@echo "make run          serve the example config on $(LISTEN) (embedded SQLite store in ./var)"
+	@echo "make test         run the whole test suite"
+	@echo "make bench        run the benchmarks; figures go to var/bench/latest.json"
+	@echo "make lint         ruff check and format check, generated code freshness"
+	@echo "make proto        regenerate the protobuf code from protos/"
+
+$(STAMP): pyproject.toml clients/python/pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]' -e clients/python
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/authpool serve --config $(CONFIG) --listen $(LISTEN)
+
+test: $(STAMP)
+	$(BIN)/pytest
+
+test-unit: $(STAMP)
+	$(BIN)/pytest tests/unit
+
+test-integration: $(STAMP)
+	$(BIN)/pytest tests/integration
+
+bench: $(STAMP)
+	$(BIN)/python -m bench
+
+lint: $(STAMP) proto-check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+proto: $(STAMP)
+	$(BIN)/python scripts/gen_proto.py
+
+proto-check: $(STAMP)
+	$(BIN)/python scripts/gen_proto.py --check
+
+clean:
+	rm -rf $(VENV) var .pytest_cache .ruff_cache .hypothesis

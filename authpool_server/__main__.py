@@ -1,0 +1,3 @@
+from authpool_server.cli import main
+
+raise SystemExit(main())

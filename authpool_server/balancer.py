@@ -1,0 +1,276 @@
+"""The allocation policy, as pure functions.
+
+Every decision the pool takes is made here: where a client goes, whether a
+lease can stay where it is, what a subscription's status and health are, and
+what a rebalance moves. The functions take plain values (loads, leases, the
+pool's spec and `now`) and return plain values. They do no I/O and never
+read the clock, so the same inputs always give the same decision (design
+invariant 6), and tests and the simulator can drive them directly.
+
+Health score
+------------
+A subscription's health runs from 0 to 100::
+
+    budget_headroom   = 1 - min(1, window_usage / (threshold x weekly_budget))
+    capacity_headroom = 1 - min(1, live_clients / max_clients)
+    health            = round(100 x (0.6 x budget_headroom + 0.4 x capacity_headroom))
+
+and is 0 once the subscription is exhausted. A fresh, idle subscription
+scores 100; one that has spent half of what it may spend before it is limited
+and is half full scores 50, the guide's alert line; a limited subscription
+scores at most 40. The average over the pool therefore stays above the
+guide's target of 70 while the pool has real room left.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from authpool_server.domain import (
+    PPM,
+    DecisionKind,
+    Lease,
+    PoolSpec,
+    SubscriptionSpec,
+    SubscriptionStatus,
+)
+
+WEEK_SECONDS = 7 * 86_400
+# 1970-01-01 was a Thursday; the first Monday 00:00 UTC was four days later.
+_FIRST_MONDAY = 4 * 86_400
+_BUDGET_WEIGHT = 0.6
+_CAPACITY_WEIGHT = 0.4
+
+__all__ = [
+    "WEEK_SECONDS",
+    "Placement",
+    "PlannedMove",
+    "RebalancePlan",
+    "Refusal",
+    "SubscriptionLoad",
+    "decide_allocation",
+    "decide_renewal",
+    "health_score",
+    "plan_rebalance",
+    "subscription_status",
+    "window_bounds",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriptionLoad:
+    """A subscription's spec with what it carries right now."""
+
+    spec: SubscriptionSpec
+    live_clients: int
+    window_usage_micros: int
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Where a client's lease goes. `subscription_id` is the fallback's id for FALLBACK."""
+
+    kind: DecisionKind
+    subscription_id: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """No subscription can serve the client and fallback is off."""
+
+    reason: str
+    retry_after_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedMove:
+    lease_id: str
+    client_id: str
+    from_subscription_id: str
+    to_subscription_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class RebalancePlan:
+    moves: tuple[PlannedMove, ...]
+    reason: str
+
+
+def window_bounds(now: float) -> tuple[float, float]:
+    """The weekly budget window holding `now`: Monday 00:00 UTC to the next."""
+    start = now - ((now - _FIRST_MONDAY) % WEEK_SECONDS)
+    return start, start + WEEK_SECONDS
+
+
+def limit_micros(spec: SubscriptionSpec, threshold_ppm: int) -> int:
+    """Spend at which a subscription stops taking new clients."""
+    return spec.weekly_budget_micros * threshold_ppm // PPM
+
+
+def subscription_status(load: SubscriptionLoad, threshold_ppm: int) -> SubscriptionStatus:
+    usage = load.window_usage_micros
+    if usage >= load.spec.weekly_budget_micros:
+        return SubscriptionStatus.EXHAUSTED
+    if usage >= limit_micros(load.spec, threshold_ppm):
+        return SubscriptionStatus.LIMITED
+    return SubscriptionStatus.ACTIVE
+
+
+def health_score(load: SubscriptionLoad, threshold_ppm: int) -> int:
+    """Health from 0 to 100; the formula is in the module docstring."""
+    if load.window_usage_micros >= load.spec.weekly_budget_micros:
+        return 0
+    limit = max(1, limit_micros(load.spec, threshold_ppm))
+    budget_headroom = 1.0 - min(1.0, load.window_usage_micros / limit)
+    capacity_headroom = 1.0 - min(1.0, load.live_clients / load.spec.max_clients)
+    return round(100 * (_BUDGET_WEIGHT * budget_headroom + _CAPACITY_WEIGHT * capacity_headroom))
+
+
+def _can_take_new_client(load: SubscriptionLoad, threshold_ppm: int, wanted_type: str) -> bool:
+    return (
+        load.live_clients < load.spec.max_clients
+        and (not wanted_type or load.spec.type == wanted_type)
+        and subscription_status(load, threshold_ppm) is SubscriptionStatus.ACTIVE
+    )
+
+
+def _placement_key(load: SubscriptionLoad, threshold_ppm: int) -> tuple[int, int, int, str]:
+    # Most health first, then most budget headroom in money, then the fewest
+    # clients; the id breaks the last tie so the choice is deterministic.
+    headroom = limit_micros(load.spec, threshold_ppm) - load.window_usage_micros
+    return (-health_score(load, threshold_ppm), -headroom, load.live_clients, load.spec.id)
+
+
+def _best_subscription(
+    loads: Sequence[SubscriptionLoad], pool: PoolSpec, wanted_type: str, exclude: str = ""
+) -> SubscriptionLoad | None:
+    eligible = [
+        load
+        for load in loads
+        if load.spec.id != exclude and _can_take_new_client(load, pool.threshold_ppm, wanted_type)
+    ]
+    if not eligible:
+        return None
+    return min(eligible, key=lambda load: _placement_key(load, pool.threshold_ppm))
+
+
+def _elsewhere(
+    loads: Sequence[SubscriptionLoad],
+    pool: PoolSpec,
+    wanted_type: str,
+    now: float,
+    *,
+    moving_from: str,
+    why: str,
+) -> Placement | Refusal:
+    """Place a client that needs a (new) subscription: the pool, else the fallback."""
+    best = _best_subscription(loads, pool, wanted_type, exclude=moving_from)
+    if best is not None:
+        kind = DecisionKind.FAILOVER if moving_from else DecisionKind.NEW
+        return Placement(kind, best.spec.id, f"{why}; placed on {best.spec.id}, the healthiest with room")
+    if pool.fallback_when_exhausted:
+        return Placement(
+            DecisionKind.FALLBACK,
+            pool.fallback.id,
+            f"{why}; every subscription{_of_type(wanted_type)} is limited, exhausted or full, "
+            "so the pay-as-you-go fallback serves",
+        )
+    _, window_end = window_bounds(now)
+    return Refusal(
+        f"every subscription{_of_type(wanted_type)} is limited, exhausted or full and fallbackWhenExhausted is off",
+        retry_after_seconds=max(1.0, min(window_end - now, pool.lease_ttl_seconds)),
+    )
+
+
+def _of_type(wanted_type: str) -> str:
+    return f" of type {wanted_type!r}" if wanted_type else ""
+
+
+def _can_keep(lease: Lease, loads: Sequence[SubscriptionLoad], pool: PoolSpec) -> str:
+    """Why the lease's subscription can no longer serve it, or "" when it can."""
+    if lease.fallback:
+        return ""
+    for load in loads:
+        if load.spec.id == lease.subscription_id:
+            if subscription_status(load, pool.threshold_ppm) is SubscriptionStatus.EXHAUSTED:
+                return f"subscription {lease.subscription_id} has spent its weekly budget"
+            return ""
+    return f"subscription {lease.subscription_id} is no longer in the pool"
+
+
+def decide_allocation(
+    loads: Sequence[SubscriptionLoad],
+    pool: PoolSpec,
+    current: Lease | None,
+    wanted_type: str,
+    now: float,
+) -> Placement | Refusal:
+    """Decide an Allocate for a client holding `current` (its live lease, or None)."""
+    if current is None:
+        return _elsewhere(loads, pool, wanted_type, now, moving_from="", why="new client")
+    why = _can_keep(current, loads, pool)
+    if not why:
+        return Placement(DecisionKind.STICKY, current.subscription_id, "the client's live lease")
+    return _elsewhere(loads, pool, current.wanted_type, now, moving_from=current.subscription_id, why=why)
+
+
+def decide_renewal(loads: Sequence[SubscriptionLoad], pool: PoolSpec, lease: Lease, now: float) -> Placement | Refusal:
+    """Decide whether a renewed lease stays (STICKY) or must move."""
+    return decide_allocation(loads, pool, lease, lease.wanted_type, now)
+
+
+def plan_rebalance(
+    loads: Sequence[SubscriptionLoad],
+    leases: Iterable[Lease],
+    pool: PoolSpec,
+    now: float,
+) -> RebalancePlan:
+    """Plan the idle clients to move from the most to the least spent subscriptions.
+
+    Runs only when the spend gap between the most and the least spent active
+    subscriptions exceeds the configured cost gap. Each move takes the
+    longest-idle client off the most spent subscription that has one and puts
+    it on the least spent active subscription with room; no client moves twice.
+    """
+    policy = pool.rebalancing
+    threshold = pool.threshold_ppm
+    active = [load for load in loads if subscription_status(load, threshold) is SubscriptionStatus.ACTIVE]
+    if len(active) < 2:
+        return RebalancePlan((), "fewer than two active subscriptions; nothing to balance")
+    usage = {load.spec.id: load.window_usage_micros for load in loads}
+    gap = max(usage[load.spec.id] for load in active) - min(usage[load.spec.id] for load in active)
+    if gap <= policy.cost_gap_micros:
+        return RebalancePlan((), f"cost gap {gap} micros is within the threshold {policy.cost_gap_micros}")
+
+    idle: dict[str, list[Lease]] = {}
+    for lease in leases:
+        if not lease.fallback and now - lease.last_used_at >= policy.idle_seconds:
+            idle.setdefault(lease.subscription_id, []).append(lease)
+    for candidates in idle.values():
+        candidates.sort(key=lambda lease: (lease.last_used_at, lease.lease_id), reverse=True)
+
+    live = {load.spec.id: load.live_clients for load in loads}
+    by_id = {load.spec.id: load for load in loads}
+    moves: list[PlannedMove] = []
+    while len(moves) < policy.max_moves_per_cycle:
+        sources = sorted((sid for sid in idle if idle[sid]), key=lambda sid: (-usage[sid], sid))
+        targets = sorted(
+            (load.spec.id for load in active if live[load.spec.id] < load.spec.max_clients),
+            key=lambda sid: (usage[sid], sid),
+        )
+        if not sources or not targets:
+            break
+        source, target = sources[0], targets[0]
+        if usage[source] - usage[target] <= policy.cost_gap_micros:
+            break
+        lease = idle[source].pop()
+        if lease.wanted_type and by_id[target].spec.type != lease.wanted_type:
+            continue
+        moves.append(PlannedMove(lease.lease_id, lease.client_id, source, target))
+        live[source] -= 1
+        live[target] += 1
+    if not moves:
+        return RebalancePlan((), f"cost gap {gap} micros, but no idle client can move to a cheaper subscription")
+    return RebalancePlan(tuple(moves), f"cost gap {gap} micros exceeds {policy.cost_gap_micros}")

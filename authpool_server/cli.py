@@ -1,0 +1,73 @@
+"""The `authpool` command: `serve` and `config check`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from authpool_server.config import ConfigError, Settings, load_config
+from authpool_server.logs import configure_logging
+
+__all__ = ["main"]
+
+
+def _load(path: str | None) -> Settings:
+    try:
+        return load_config(path)
+    except ConfigError as error:
+        source = path or "the configuration"
+        print(f"authpool: {source} is invalid:", file=sys.stderr)
+        for problem in error.problems:
+            print(f"  {problem}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from authpool_server.server import serve  # grpc is only needed to serve
+
+    settings = _load(args.config)
+    configure_logging(settings.log_level, settings.log_format)
+    listen = args.listen or settings.listen
+    data_dir = Path(args.data_dir) if args.data_dir else settings.data_dir
+    asyncio.run(serve(settings.pool, data_dir=data_dir, listen=listen))
+    return 0
+
+
+def _config_check(args: argparse.Namespace) -> int:
+    settings = _load(args.file)
+    pool = settings.pool
+    print(
+        f"{settings.source}: valid; {len(pool.subscriptions)} subscriptions, "
+        f"weekly budget {sum(s.weekly_budget_micros for s in pool.subscriptions) / 1e6:g} in all"
+    )
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="authpool", description="AuthPool credential-pool service")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="serve the gRPC API")
+    serve.add_argument("--config", help="config file (default: $AUTH_POOL_CONFIG, else the bundled example)")
+    serve.add_argument("--listen", help="host:port to listen on (default: the config's `listen`)")
+    serve.add_argument("--data-dir", help="where the embedded store lives (default: $AUTHPOOL_DATA_DIR or ./var)")
+    serve.set_defaults(run=_serve)
+
+    config = commands.add_parser("config", help="configuration tools")
+    config_commands = config.add_subparsers(dest="config_command", required=True)
+    check = config_commands.add_parser("check", help="validate a config file without serving")
+    check.add_argument("file", help="the config file to check")
+    check.set_defaults(run=_config_check)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    return int(args.run(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,183 @@
+"""The pool's vocabulary: plain, immutable values shared by every layer.
+
+Nothing here does I/O or reads the clock. Times are POSIX seconds (floats);
+money is integer micro-units (1 USD = 1,000,000), never floats.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+MICROS_PER_UNIT = 1_000_000
+PPM = 1_000_000  # parts per million, for ratios kept as integers
+
+__all__ = [
+    "MICROS_PER_UNIT",
+    "PPM",
+    "DecisionKind",
+    "EndedLease",
+    "Event",
+    "EventType",
+    "FallbackSpec",
+    "Lease",
+    "Outcome",
+    "PoolSpec",
+    "RebalancePolicy",
+    "SubscriptionSpec",
+    "SubscriptionStatus",
+    "UsageRecord",
+]
+
+
+class SubscriptionStatus(StrEnum):
+    ACTIVE = "active"
+    LIMITED = "limited"
+    EXHAUSTED = "exhausted"
+
+
+class DecisionKind(StrEnum):
+    NEW = "new"
+    STICKY = "sticky"
+    FAILOVER = "failover"
+    FALLBACK = "fallback"
+
+
+class Outcome(StrEnum):
+    OK = "ok"
+    RATE_LIMITED = "rate_limited"
+    AUTH_FAILED = "auth_failed"
+    SERVER_ERROR = "server_error"
+
+
+class EventType(StrEnum):
+    LEASE_GRANTED = "lease_granted"
+    LEASE_RELEASED = "lease_released"
+    LEASE_EXPIRED = "lease_expired"
+    LEASE_MOVED = "lease_moved"
+    USAGE_RECORDED = "usage_recorded"
+    SUBSCRIPTION_STATUS_CHANGED = "subscription_status_changed"
+    REBALANCE_COMPLETED = "rebalance_completed"
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriptionSpec:
+    """One subscription as configured."""
+
+    id: str
+    email: str
+    type: str
+    credential_ref: str
+    weekly_budget_micros: int
+    max_clients: int
+
+
+@dataclass(frozen=True, slots=True)
+class FallbackSpec:
+    """The pay-as-you-go credential used when the pool is spent."""
+
+    id: str = "fallback"
+    type: str = "pay-as-you-go"
+    credential_ref: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RebalancePolicy:
+    enabled: bool = True
+    interval_seconds: float = 300.0
+    cost_gap_micros: int = 5 * MICROS_PER_UNIT
+    max_moves_per_cycle: int = 3
+    idle_seconds: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class PoolSpec:
+    """Everything the policy needs to know about the pool's configuration."""
+
+    subscriptions: tuple[SubscriptionSpec, ...]
+    threshold_ppm: int = 850_000
+    fallback_when_exhausted: bool = True
+    fallback: FallbackSpec = field(default_factory=FallbackSpec)
+    rebalancing: RebalancePolicy = field(default_factory=RebalancePolicy)
+    lease_ttl_seconds: float = 60.0
+    usage_retention_seconds: float = 7 * 86_400.0
+    event_retention_seconds: float = 7 * 86_400.0
+    # How long an ended lease is remembered so late usage reports still count.
+    ended_lease_retention_seconds: float = 3_600.0
+
+    def subscription(self, subscription_id: str) -> SubscriptionSpec | None:
+        for spec in self.subscriptions:
+            if spec.id == subscription_id:
+                return spec
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A client's right to one credential until `expires_at`.
+
+    `fencing_token` grows with every grant and move. `acked_token` is the
+    newest token the holder has been told of; tokens below it are stale.
+    `history` maps every earlier token of this lease to the subscription it
+    was on, so late usage is charged where it was spent.
+    """
+
+    lease_id: str
+    client_id: str
+    session_id: str
+    subscription_id: str
+    fallback: bool
+    granted_at: float
+    expires_at: float
+    fencing_token: int
+    acked_token: int
+    last_used_at: float
+    wanted_type: str = ""
+    labels: tuple[tuple[str, str], ...] = ()
+    history: tuple[tuple[int, str], ...] = ()
+
+    def subscription_at(self, token: int) -> str | None:
+        """The subscription the lease was on under `token`, if it ever was."""
+        if token == self.fencing_token:
+            return self.subscription_id
+        for past_token, subscription_id in self.history:
+            if past_token == token:
+                return subscription_id
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class EndedLease:
+    """What is kept of a released or expired lease for late usage reports."""
+
+    lease: Lease
+    ended_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRecord:
+    request_id: str
+    lease_id: str
+    client_id: str
+    subscription_id: str
+    fallback: bool
+    at: float
+    cost_micros: int
+    input_tokens: int
+    output_tokens: int
+    model: str
+    outcome: Outcome
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One entry of the event log; `sequence` is gapless and increasing."""
+
+    sequence: int
+    at: float
+    type: EventType
+    subscription_id: str = ""
+    client_id: str = ""
+    lease_id: str = ""
+    fencing_token: int = 0
+    attributes: tuple[tuple[str, str], ...] = ()

@@ -1,0 +1,43 @@
+"""Logging set-up: the guide's JSON shape when LOG_FORMAT=json, text otherwise.
+
+Each JSON line carries `timestamp`, `level`, `module`, `message` and
+`context` (whatever was passed as `extra={"context": {...}}`). Callers must
+never put secrets or unmasked emails into messages or context.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import UTC, datetime
+
+__all__ = ["JsonFormatter", "configure_logging"]
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "timestamp": datetime.fromtimestamp(record.created, UTC)
+            .isoformat(timespec="milliseconds")
+            .replace("+00:00", "Z"),
+            "level": record.levelname,
+            "module": record.name,
+            "message": record.getMessage(),
+            "context": getattr(record, "context", {}),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def configure_logging(level: str = "info", fmt: str = "text") -> None:
+    """Send the server's logs to stderr at `level`, as JSON lines when `fmt` is "json"."""
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())

@@ -1,0 +1,667 @@
+"""The pool: the one place that changes state.
+
+Each operation reads the clock once, asks the balancer for a decision on the
+in-memory state, applies the decision to memory and to a `WriteBatch`, hands
+the batch to the group committer and answers only once it is durable. On one
+event loop the steps up to the hand-off never yield, so decisions are
+serialised without a lock; batches are committed in the order the decisions
+were taken, and their events are published after the commit.
+
+An answer that depends on an earlier, still-uncommitted change (a sticky
+Allocate of a lease granted a moment ago, a retried usage report) waits for
+that change to be durable first, so nothing is ever acknowledged that a crash
+could take back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+
+from authpool_server import balancer
+from authpool_server.balancer import Placement, PlannedMove, Refusal, SubscriptionLoad
+from authpool_server.committer import Committer
+from authpool_server.domain import (
+    DecisionKind,
+    EndedLease,
+    Event,
+    EventType,
+    Lease,
+    Outcome,
+    PoolSpec,
+    SubscriptionSpec,
+    SubscriptionStatus,
+    UsageRecord,
+)
+from authpool_server.errors import (
+    InvalidArgument,
+    LeaseNotFound,
+    PoolExhausted,
+    StaleFencingToken,
+    StoreUnavailable,
+)
+from authpool_server.events import EventHub
+from authpool_server.store.base import PruneHorizon, Snapshot, Store, WriteBatch
+
+__all__ = [
+    "Allocation",
+    "Pool",
+    "PoolStatus",
+    "RebalanceOutcome",
+    "Renewal",
+    "SubscriptionView",
+    "UsageAck",
+    "UsageReport",
+]
+
+log = logging.getLogger(__name__)
+
+_PRUNE_EVERY_SECONDS = 600.0
+
+
+@dataclass(frozen=True, slots=True)
+class Allocation:
+    lease: Lease
+    kind: DecisionKind
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Renewal:
+    lease: Lease
+    moved: bool
+
+
+@dataclass(frozen=True, slots=True)
+class UsageReport:
+    request_id: str
+    lease_id: str
+    fencing_token: int
+    cost_micros: int
+    input_tokens: int
+    output_tokens: int
+    model: str
+    outcome: Outcome
+
+
+@dataclass(frozen=True, slots=True)
+class UsageAck:
+    duplicate: bool
+    subscription_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class RebalanceOutcome:
+    # Each planned move with the lease's fencing token after it (0 in a dry run).
+    moves: tuple[tuple[PlannedMove, int], ...]
+    reason: str
+    dry_run: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriptionView:
+    spec: SubscriptionSpec
+    status: SubscriptionStatus
+    health: int
+    live_clients: int
+    window_usage_micros: int
+
+
+@dataclass(frozen=True, slots=True)
+class PoolStatus:
+    subscriptions: tuple[SubscriptionView, ...]
+    fallback_clients: int
+    fallback_usage_micros: int
+    window_start: float
+    window_end: float
+    last_sequence: int
+    leases: tuple[Lease, ...]
+    as_of: float
+
+
+class Pool:
+    """Owns the pool's state; every change goes through one of its methods."""
+
+    def __init__(
+        self,
+        spec: PoolSpec,
+        store: Store,
+        *,
+        clock: Callable[[], float] = time.time,
+        new_id: Callable[[], str] = lambda: uuid.uuid4().hex,
+    ) -> None:
+        self.spec = spec
+        self._store = store
+        self._clock = clock
+        self._new_id = new_id
+        self.events = EventHub(store)
+        self._committer = Committer(store, on_durable=self.events.publish, on_failure=self._reload)
+        self._leases: dict[str, Lease] = {}
+        self._lease_of_client: dict[str, str] = {}
+        self._ended: dict[str, EndedLease] = {}
+        self._live: dict[str, int] = {}
+        self._window_usage: dict[str, int] = {}
+        self._statuses: dict[str, SubscriptionStatus] = {}
+        self._window = (0.0, 0.0)
+        self._usage_log: deque[UsageRecord] = deque()  # in time order, for pruning
+        self._request_ids: set[str] = set()
+        self._fallback_usage = 0
+        self._sequence = 0
+        self._token = 0
+        # Writes not yet durable, by lease id or "usage:<request id>".
+        self._unsettled: dict[str, asyncio.Future[None]] = {}
+        self._healthy = False
+        self._last_prune = 0.0
+        self._reaper: asyncio.Task[None] | None = None
+
+    # -- lifecycle -----------------------------------------------------------
+
+    async def start(self, *, background: bool = True) -> None:
+        """Open the store, rebuild state from it and start committing."""
+        self._rebuild(await self._store.open())
+        self._committer.start()
+        if background:
+            self._reaper = asyncio.create_task(self._reap_forever(), name="authpool-reaper")
+        self._healthy = True
+
+    async def close(self) -> None:
+        """Stop background work and make everything acknowledged durable."""
+        self._healthy = False
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+        await self._committer.close()
+        await self._store.close()
+
+    @property
+    def ready(self) -> bool:
+        return self._healthy
+
+    def _rebuild(self, snapshot: Snapshot) -> None:
+        now = self._clock()
+        self._leases = {lease.lease_id: lease for lease in snapshot.live_leases}
+        self._lease_of_client = {lease.client_id: lease.lease_id for lease in snapshot.live_leases}
+        self._ended = {ended.lease.lease_id: ended for ended in snapshot.ended_leases}
+        self._live = {spec.id: 0 for spec in self.spec.subscriptions}
+        for lease in snapshot.live_leases:
+            if not lease.fallback:
+                self._live[lease.subscription_id] = self._live.get(lease.subscription_id, 0) + 1
+        self._usage_log = deque(sorted(snapshot.usage, key=lambda record: record.at))
+        self._request_ids = {record.request_id for record in snapshot.usage}
+        self._sequence = snapshot.last_sequence
+        self._token = snapshot.fencing_token
+        self.events.last_sequence = snapshot.last_sequence
+        self._recount_window(now)
+        self._statuses = {load.spec.id: self._status(load) for load in self._loads()}
+
+    async def _reload(self) -> None:
+        # A failed write leaves memory ahead of the disk: refuse calls until
+        # memory matches what is durable again.
+        self._healthy = False
+        self._unsettled.clear()
+        while True:
+            try:
+                self._rebuild(await self._store.load())
+            except Exception:
+                log.exception("reloading state from the store failed; retrying in 1s")
+                await asyncio.sleep(1.0)
+            else:
+                self._healthy = True
+                log.warning("state reloaded from the store after a failed write")
+                return
+
+    def _recount_window(self, now: float) -> None:
+        self._window = balancer.window_bounds(now)
+        start = self._window[0]
+        self._window_usage = {spec.id: 0 for spec in self.spec.subscriptions}
+        self._fallback_usage = 0
+        for record in self._usage_log:
+            if record.fallback:
+                self._fallback_usage += record.cost_micros
+            elif record.at >= start and record.subscription_id in self._window_usage:
+                self._window_usage[record.subscription_id] += record.cost_micros
+
+    # -- helpers -------------------------------------------------------------
+
+    def _check_ready(self) -> None:
+        if not self._healthy:
+            raise StoreUnavailable("the pool is not ready: its store is loading or failed")
+
+    def _loads(self) -> list[SubscriptionLoad]:
+        return [
+            SubscriptionLoad(spec, self._live.get(spec.id, 0), self._window_usage.get(spec.id, 0))
+            for spec in self.spec.subscriptions
+        ]
+
+    def _load(self, subscription_id: str) -> SubscriptionLoad | None:
+        spec = self.spec.subscription(subscription_id)
+        if spec is None:
+            return None
+        return SubscriptionLoad(spec, self._live.get(spec.id, 0), self._window_usage.get(spec.id, 0))
+
+    def _status(self, load: SubscriptionLoad) -> SubscriptionStatus:
+        return balancer.subscription_status(load, self.spec.threshold_ppm)
+
+    def _event(self, batch: WriteBatch, now: float, type_: EventType, **fields: object) -> None:
+        self._sequence += 1
+        attributes = fields.pop("attributes", ())
+        batch.events.append(
+            Event(self._sequence, now, type_, attributes=tuple(attributes), **fields)  # type: ignore[arg-type]
+        )
+
+    def _next_token(self, batch: WriteBatch) -> int:
+        self._token += 1
+        batch.fencing_token = self._token
+        return self._token
+
+    def _note_status(self, subscription_id: str, batch: WriteBatch, now: float) -> None:
+        load = self._load(subscription_id)
+        if load is None:
+            return
+        new = self._status(load)
+        old = self._statuses.get(subscription_id)
+        if new is not old:
+            self._statuses[subscription_id] = new
+            self._event(
+                batch,
+                now,
+                EventType.SUBSCRIPTION_STATUS_CHANGED,
+                subscription_id=subscription_id,
+                attributes=(("from", str(old or "")), ("to", str(new))),
+            )
+
+    def _advance(self, now: float, batch: WriteBatch) -> None:
+        """Roll the budget window when `now` has left it."""
+        if now < self._window[1]:
+            return
+        self._recount_window(now)
+        for spec in self.spec.subscriptions:
+            self._note_status(spec.id, batch, now)
+
+    def _live_lease(self, lease_id: str, now: float, batch: WriteBatch) -> Lease | None:
+        lease = self._leases.get(lease_id)
+        if lease is not None and lease.expires_at <= now:
+            self._end(lease, now, batch, EventType.LEASE_EXPIRED)
+            return None
+        return lease
+
+    def _store_lease(self, lease: Lease, batch: WriteBatch) -> None:
+        self._leases[lease.lease_id] = lease
+        batch.leases.append(lease)
+
+    def _end(self, lease: Lease, now: float, batch: WriteBatch, why: EventType) -> None:
+        del self._leases[lease.lease_id]
+        if self._lease_of_client.get(lease.client_id) == lease.lease_id:
+            del self._lease_of_client[lease.client_id]
+        if not lease.fallback and lease.subscription_id in self._live:
+            self._live[lease.subscription_id] -= 1
+        ended = EndedLease(lease, now)
+        self._ended[lease.lease_id] = ended
+        batch.ended.append(ended)
+        self._event(
+            batch,
+            now,
+            why,
+            subscription_id=lease.subscription_id,
+            client_id=lease.client_id,
+            lease_id=lease.lease_id,
+            fencing_token=lease.fencing_token,
+        )
+
+    def _place(self, lease: Lease, placement: Placement, now: float, batch: WriteBatch) -> Lease:
+        """Move an existing lease to the placement's subscription."""
+        fallback = placement.kind is DecisionKind.FALLBACK
+        if not lease.fallback and lease.subscription_id in self._live:
+            self._live[lease.subscription_id] -= 1
+        if not fallback:
+            self._live[placement.subscription_id] += 1
+        moved = replace(
+            lease,
+            subscription_id=placement.subscription_id,
+            fallback=fallback,
+            fencing_token=self._next_token(batch),
+            history=(*lease.history, (lease.fencing_token, lease.subscription_id)),
+        )
+        self._store_lease(moved, batch)
+        self._event(
+            batch,
+            now,
+            EventType.LEASE_MOVED,
+            subscription_id=moved.subscription_id,
+            client_id=moved.client_id,
+            lease_id=moved.lease_id,
+            fencing_token=moved.fencing_token,
+            attributes=(("from_subscription_id", lease.subscription_id), ("kind", str(placement.kind))),
+        )
+        return moved
+
+    async def _commit(self, batch: WriteBatch, *keys: str) -> None:
+        if not (batch.leases or batch.ended or batch.usage or batch.events or batch.prune):
+            return
+        future = self._committer.submit(batch)
+        for key in keys:
+            self._unsettled[key] = future
+        future.add_done_callback(lambda done: self._settle(keys, done))
+        await asyncio.shield(future)
+
+    def _settle(self, keys: Iterable[str], future: asyncio.Future[None]) -> None:
+        for key in keys:
+            if self._unsettled.get(key) is future:
+                del self._unsettled[key]
+
+    async def _settled(self, key: str) -> None:
+        future = self._unsettled.get(key)
+        if future is not None:
+            await asyncio.shield(future)
+
+    # -- operations ----------------------------------------------------------
+
+    async def allocate(
+        self,
+        client_id: str,
+        *,
+        session_id: str = "",
+        wanted_type: str = "",
+        labels: Iterable[tuple[str, str]] = (),
+    ) -> Allocation:
+        """Grant the client a lease, or return the one it holds (sticky)."""
+        self._check_ready()
+        now = self._clock()
+        batch = WriteBatch()
+        self._advance(now, batch)
+        lease_id = self._lease_of_client.get(client_id)
+        current = self._live_lease(lease_id, now, batch) if lease_id else None
+        decision = balancer.decide_allocation(self._loads(), self.spec, current, wanted_type, now)
+        if isinstance(decision, Refusal):
+            await self._commit(batch)
+            raise PoolExhausted(decision.reason, decision.retry_after_seconds)
+
+        if current is not None and decision.kind is DecisionKind.STICKY:
+            if current.acked_token != current.fencing_token:
+                current = replace(current, acked_token=current.fencing_token)
+                self._store_lease(current, batch)
+            await self._commit(batch, current.lease_id)
+            await self._settled(current.lease_id)
+            return Allocation(current, DecisionKind.STICKY, decision.reason)
+
+        if current is not None:
+            lease = self._place(current, decision, now, batch)
+            lease = replace(lease, acked_token=lease.fencing_token, expires_at=now + self.spec.lease_ttl_seconds)
+            self._store_lease(lease, batch)
+        else:
+            lease = self._grant(client_id, session_id, wanted_type, tuple(labels), decision, now, batch)
+        if not lease.fallback:
+            self._note_status(lease.subscription_id, batch, now)
+        await self._commit(batch, lease.lease_id)
+        return Allocation(lease, decision.kind, decision.reason)
+
+    def _grant(
+        self,
+        client_id: str,
+        session_id: str,
+        wanted_type: str,
+        labels: tuple[tuple[str, str], ...],
+        placement: Placement,
+        now: float,
+        batch: WriteBatch,
+    ) -> Lease:
+        token = self._next_token(batch)
+        lease = Lease(
+            lease_id=self._new_id(),
+            client_id=client_id,
+            session_id=session_id,
+            subscription_id=placement.subscription_id,
+            fallback=placement.kind is DecisionKind.FALLBACK,
+            granted_at=now,
+            expires_at=now + self.spec.lease_ttl_seconds,
+            fencing_token=token,
+            acked_token=token,
+            last_used_at=now,
+            wanted_type=wanted_type,
+            labels=labels,
+        )
+        self._store_lease(lease, batch)
+        self._lease_of_client[client_id] = lease.lease_id
+        if not lease.fallback:
+            self._live[lease.subscription_id] += 1
+        self._event(
+            batch,
+            now,
+            EventType.LEASE_GRANTED,
+            subscription_id=lease.subscription_id,
+            client_id=client_id,
+            lease_id=lease.lease_id,
+            fencing_token=token,
+            attributes=(("kind", str(placement.kind)),),
+        )
+        return lease
+
+    def _check_token(self, lease: Lease, token: int) -> None:
+        if not lease.acked_token <= token <= lease.fencing_token:
+            raise StaleFencingToken(lease.lease_id, token, lease.acked_token, lease.fencing_token)
+
+    async def renew(self, lease_id: str, fencing_token: int) -> Renewal:
+        """Extend a lease; move it first if its subscription can no longer serve it."""
+        self._check_ready()
+        now = self._clock()
+        batch = WriteBatch()
+        self._advance(now, batch)
+        lease = self._live_lease(lease_id, now, batch)
+        if lease is None:
+            await self._commit(batch, lease_id)
+            raise LeaseNotFound(lease_id)
+        self._check_token(lease, fencing_token)
+        decision = balancer.decide_renewal(self._loads(), self.spec, lease, now)
+        if isinstance(decision, Refusal):
+            await self._commit(batch)
+            raise PoolExhausted(decision.reason, decision.retry_after_seconds)
+        if decision.kind is not DecisionKind.STICKY:
+            lease = self._place(lease, decision, now, batch)
+            self._note_status(lease.subscription_id, batch, now)
+        renewed = replace(lease, expires_at=now + self.spec.lease_ttl_seconds, acked_token=lease.fencing_token)
+        self._store_lease(renewed, batch)
+        await self._commit(batch, lease_id)
+        return Renewal(renewed, moved=fencing_token < renewed.fencing_token)
+
+    async def release(self, lease_id: str, fencing_token: int) -> bool:
+        """End a lease; True when this call ended it, False when it was not live."""
+        self._check_ready()
+        now = self._clock()
+        batch = WriteBatch()
+        self._advance(now, batch)
+        lease = self._live_lease(lease_id, now, batch)
+        if lease is None:
+            await self._commit(batch, lease_id)
+            await self._settled(lease_id)
+            return False
+        self._check_token(lease, fencing_token)
+        self._end(lease, now, batch, EventType.LEASE_RELEASED)
+        await self._commit(batch, lease_id)
+        return True
+
+    async def report_usage(self, report: UsageReport) -> UsageAck:
+        """Record one provider request's cost, once per request id."""
+        self._check_ready()
+        key = f"usage:{report.request_id}"
+        if report.request_id in self._request_ids:
+            await self._settled(key)
+            return UsageAck(duplicate=True, subscription_id="")
+        now = self._clock()
+        batch = WriteBatch()
+        self._advance(now, batch)
+        lease = self._live_lease(report.lease_id, now, batch)
+        if lease is None:
+            ended = self._ended.get(report.lease_id)
+            if ended is None:
+                await self._commit(batch)
+                raise LeaseNotFound(report.lease_id)
+            lease = ended.lease
+        subscription_id = lease.subscription_at(report.fencing_token)
+        if subscription_id is None:
+            await self._commit(batch)
+            raise InvalidArgument(
+                [("fencing_token", f"{report.fencing_token} was never a token of lease {lease.lease_id!r}")]
+            )
+        fallback = (
+            lease.fallback if report.fencing_token == lease.fencing_token else self._was_fallback(subscription_id)
+        )
+        record = UsageRecord(
+            request_id=report.request_id,
+            lease_id=lease.lease_id,
+            client_id=lease.client_id,
+            subscription_id=subscription_id,
+            fallback=fallback,
+            at=now,
+            cost_micros=report.cost_micros,
+            input_tokens=report.input_tokens,
+            output_tokens=report.output_tokens,
+            model=report.model,
+            outcome=report.outcome,
+        )
+        self._request_ids.add(report.request_id)
+        self._usage_log.append(record)
+        batch.usage.append(record)
+        if fallback:
+            self._fallback_usage += record.cost_micros
+        elif subscription_id in self._window_usage:
+            self._window_usage[subscription_id] += record.cost_micros
+        if lease.lease_id in self._leases:
+            self._store_lease(replace(lease, last_used_at=now), batch)
+        self._event(
+            batch,
+            now,
+            EventType.USAGE_RECORDED,
+            subscription_id=subscription_id,
+            client_id=lease.client_id,
+            lease_id=lease.lease_id,
+            fencing_token=report.fencing_token,
+            attributes=(
+                ("cost_micros", str(record.cost_micros)),
+                ("outcome", str(record.outcome)),
+                ("model", record.model),
+            ),
+        )
+        if not fallback:
+            self._note_status(subscription_id, batch, now)
+        await self._commit(batch, key)
+        return UsageAck(duplicate=False, subscription_id=subscription_id)
+
+    def _was_fallback(self, subscription_id: str) -> bool:
+        return self.spec.subscription(subscription_id) is None and subscription_id == self.spec.fallback.id
+
+    async def rebalance(self, *, dry_run: bool) -> RebalanceOutcome:
+        """Run one rebalancing cycle (or only plan it) and say what moved and why."""
+        self._check_ready()
+        now = self._clock()
+        batch = WriteBatch()
+        self._advance(now, batch)
+        plan = balancer.plan_rebalance(self._loads(), self._leases.values(), self.spec, now)
+        if dry_run:
+            await self._commit(batch)
+            return RebalanceOutcome(tuple((move, 0) for move in plan.moves), plan.reason, dry_run=True)
+        moved: list[tuple[PlannedMove, int]] = []
+        for move in plan.moves:
+            lease = self._leases[move.lease_id]
+            placement = Placement(DecisionKind.FAILOVER, move.to_subscription_id, plan.reason)
+            moved.append((move, self._place(lease, placement, now, batch).fencing_token))
+        for spec in self.spec.subscriptions:
+            self._note_status(spec.id, batch, now)
+        self._event(
+            batch,
+            now,
+            EventType.REBALANCE_COMPLETED,
+            attributes=(("moves", str(len(moved))), ("reason", plan.reason)),
+        )
+        await self._commit(batch)
+        return RebalanceOutcome(tuple(moved), plan.reason, dry_run=False)
+
+    def status(self, *, include_clients: bool = False) -> PoolStatus:
+        """The pool's state now (decisions in flight included)."""
+        now = self._clock()
+        views = []
+        for load in self._loads():
+            views.append(
+                SubscriptionView(
+                    spec=load.spec,
+                    status=self._status(load),
+                    health=balancer.health_score(load, self.spec.threshold_ppm),
+                    live_clients=load.live_clients,
+                    window_usage_micros=load.window_usage_micros,
+                )
+            )
+        leases = tuple(self._leases.values())
+        return PoolStatus(
+            subscriptions=tuple(views),
+            fallback_clients=sum(1 for lease in leases if lease.fallback),
+            fallback_usage_micros=self._fallback_usage,
+            window_start=self._window[0],
+            window_end=self._window[1],
+            last_sequence=self.events.last_sequence,
+            leases=leases if include_clients else (),
+            as_of=now,
+        )
+
+    # -- background work -----------------------------------------------------
+
+    async def reap(self) -> int:
+        """Expire leases past their time to live and prune old records; returns leases expired."""
+        if not self._healthy:
+            return 0
+        now = self._clock()
+        batch = WriteBatch()
+        self._advance(now, batch)
+        expired = [lease for lease in self._leases.values() if lease.expires_at <= now]
+        for lease in expired:
+            self._end(lease, now, batch, EventType.LEASE_EXPIRED)
+            if not lease.fallback:
+                self._note_status(lease.subscription_id, batch, now)
+        if now - self._last_prune >= _PRUNE_EVERY_SECONDS:
+            self._last_prune = now
+            self._prune(now, batch)
+        await self._commit(batch)
+        return len(expired)
+
+    def _prune(self, now: float, batch: WriteBatch) -> None:
+        usage_before = now - self.spec.usage_retention_seconds
+        while self._usage_log and self._usage_log[0].at < usage_before:
+            record = self._usage_log.popleft()
+            self._request_ids.discard(record.request_id)
+            if record.fallback:
+                self._fallback_usage -= record.cost_micros
+        ended_before = now - self.spec.ended_lease_retention_seconds
+        for lease_id in [lid for lid, ended in self._ended.items() if ended.ended_at < ended_before]:
+            del self._ended[lease_id]
+        batch.prune = PruneHorizon(
+            usage_before=usage_before,
+            ended_leases_before=ended_before,
+            events_before=now - self.spec.event_retention_seconds,
+        )
+
+    async def _reap_forever(self) -> None:
+        interval = max(0.05, min(5.0, self.spec.lease_ttl_seconds / 4))
+        next_rebalance = self._clock() + self.spec.rebalancing.interval_seconds
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.reap()
+                if self.spec.rebalancing.enabled and self._clock() >= next_rebalance:
+                    next_rebalance = self._clock() + self.spec.rebalancing.interval_seconds
+                    outcome = await self.rebalance(dry_run=False)
+                    log.info("rebalancing cycle: %d moves (%s)", len(outcome.moves), outcome.reason)
+            except StoreUnavailable:
+                log.warning("background work skipped: the store is unavailable")
+            except Exception:
+                log.exception("background work failed; it runs again in %.1fs", interval)
+
+    # -- introspection -------------------------------------------------------
+
+    @property
+    def commit_queue_depth(self) -> int:
+        return self._committer.queue_depth

@@ -1,0 +1,261 @@
+"""The gRPC face of the pool: protobuf in, validation, protobuf out.
+
+No policy lives here. Each method checks its request (every problem named by
+field), calls one `Pool` operation, and translates the result; an
+`AuthPoolError` becomes a status with `google.rpc` details through
+`rpc_errors`. `*_pb2` types stop at this module.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from authpool_server.api import authpool_pb2 as pb
+from authpool_server.api import authpool_pb2_grpc
+from authpool_server.domain import DecisionKind, Event, EventType, Lease, Outcome, PoolSpec, SubscriptionStatus
+from authpool_server.errors import AuthPoolError
+from authpool_server.pool import Pool, UsageReport
+from authpool_server.rpc_errors import to_status
+from authpool_server.validation import MAX_COST_MICROS, MAX_TOKENS, Violations
+
+__all__ = ["AuthPoolService", "mask_email"]
+
+_Request = TypeVar("_Request")
+_Response = TypeVar("_Response")
+
+_DECISION = {
+    DecisionKind.NEW: pb.DECISION_KIND_NEW,
+    DecisionKind.STICKY: pb.DECISION_KIND_STICKY,
+    DecisionKind.FAILOVER: pb.DECISION_KIND_FAILOVER,
+    DecisionKind.FALLBACK: pb.DECISION_KIND_FALLBACK,
+}
+_STATUS = {
+    SubscriptionStatus.ACTIVE: pb.SUBSCRIPTION_STATUS_ACTIVE,
+    SubscriptionStatus.LIMITED: pb.SUBSCRIPTION_STATUS_LIMITED,
+    SubscriptionStatus.EXHAUSTED: pb.SUBSCRIPTION_STATUS_EXHAUSTED,
+}
+_OUTCOME = {
+    pb.USAGE_OUTCOME_UNSPECIFIED: Outcome.OK,
+    pb.USAGE_OUTCOME_OK: Outcome.OK,
+    pb.USAGE_OUTCOME_RATE_LIMITED: Outcome.RATE_LIMITED,
+    pb.USAGE_OUTCOME_AUTH_FAILED: Outcome.AUTH_FAILED,
+    pb.USAGE_OUTCOME_SERVER_ERROR: Outcome.SERVER_ERROR,
+}
+_EVENT_TYPE = {
+    EventType.LEASE_GRANTED: pb.EVENT_TYPE_LEASE_GRANTED,
+    EventType.LEASE_RELEASED: pb.EVENT_TYPE_LEASE_RELEASED,
+    EventType.LEASE_EXPIRED: pb.EVENT_TYPE_LEASE_EXPIRED,
+    EventType.LEASE_MOVED: pb.EVENT_TYPE_LEASE_MOVED,
+    EventType.USAGE_RECORDED: pb.EVENT_TYPE_USAGE_RECORDED,
+    EventType.SUBSCRIPTION_STATUS_CHANGED: pb.EVENT_TYPE_SUBSCRIPTION_STATUS_CHANGED,
+    EventType.REBALANCE_COMPLETED: pb.EVENT_TYPE_REBALANCE_COMPLETED,
+}
+
+
+def mask_email(email: str) -> str:
+    """`team+sub1@company.com` -> `t***@company.com`: enough to tell accounts apart."""
+    local, _, domain = email.partition("@")
+    return f"{local[:1]}***@{domain}" if domain else "***"
+
+
+def _timestamp(seconds: float) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromNanoseconds(round(seconds * 1e9))
+    return stamp
+
+
+def _errors_as_status(
+    method: Callable[[AuthPoolService, _Request, grpc.aio.ServicerContext], Awaitable[_Response]],
+) -> Callable[[AuthPoolService, _Request, grpc.aio.ServicerContext], Awaitable[_Response]]:
+    @functools.wraps(method)
+    async def wrapper(self: AuthPoolService, request: _Request, context: grpc.aio.ServicerContext) -> _Response:
+        try:
+            return await method(self, request, context)
+        except AuthPoolError as error:
+            await context.abort_with_status(to_status(error))
+            raise  # unreachable: abort_with_status raises
+
+    return wrapper
+
+
+class AuthPoolService(authpool_pb2_grpc.AuthPoolServicer):
+    def __init__(self, pool: Pool) -> None:
+        self._pool = pool
+
+    @property
+    def _spec(self) -> PoolSpec:
+        return self._pool.spec
+
+    def _lease(self, lease: Lease) -> pb.Lease:
+        if lease.fallback:
+            subscription_type = self._spec.fallback.type
+            credential_ref = self._spec.fallback.credential_ref
+        else:
+            spec = self._spec.subscription(lease.subscription_id)
+            subscription_type = spec.type if spec else ""
+            credential_ref = spec.credential_ref if spec else ""
+        return pb.Lease(
+            lease_id=lease.lease_id,
+            client_id=lease.client_id,
+            session_id=lease.session_id,
+            subscription_id=lease.subscription_id,
+            subscription_type=subscription_type,
+            credential_ref=credential_ref,
+            granted_at=_timestamp(lease.granted_at),
+            expires_at=_timestamp(lease.expires_at),
+            fencing_token=lease.fencing_token,
+            fallback=lease.fallback,
+            labels=dict(lease.labels),
+        )
+
+    @_errors_as_status
+    async def Allocate(self, request: pb.AllocateRequest, context: grpc.aio.ServicerContext) -> pb.AllocateResponse:
+        check = Violations()
+        check.identifier("client_id", request.client_id)
+        check.text("session_id", request.session_id, max_length=128)
+        check.subscription_type("subscription_type", request.subscription_type)
+        check.labels("labels", request.labels)
+        check.raise_if_any()
+        allocation = await self._pool.allocate(
+            request.client_id,
+            session_id=request.session_id,
+            wanted_type=request.subscription_type,
+            labels=sorted(request.labels.items()),
+        )
+        return pb.AllocateResponse(
+            lease=self._lease(allocation.lease),
+            decision=_DECISION[allocation.kind],
+            reason=allocation.reason,
+        )
+
+    @_errors_as_status
+    async def Renew(self, request: pb.RenewRequest, context: grpc.aio.ServicerContext) -> pb.RenewResponse:
+        check = Violations()
+        check.identifier("lease_id", request.lease_id)
+        check.fencing_token("fencing_token", request.fencing_token)
+        check.raise_if_any()
+        renewal = await self._pool.renew(request.lease_id, request.fencing_token)
+        return pb.RenewResponse(lease=self._lease(renewal.lease), moved=renewal.moved)
+
+    @_errors_as_status
+    async def Release(self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext) -> pb.ReleaseResponse:
+        check = Violations()
+        check.identifier("lease_id", request.lease_id)
+        check.fencing_token("fencing_token", request.fencing_token)
+        check.raise_if_any()
+        released = await self._pool.release(request.lease_id, request.fencing_token)
+        return pb.ReleaseResponse(released=released)
+
+    @_errors_as_status
+    async def ReportUsage(
+        self, request: pb.ReportUsageRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ReportUsageResponse:
+        check = Violations()
+        check.identifier("request_id", request.request_id)
+        check.identifier("lease_id", request.lease_id)
+        check.fencing_token("fencing_token", request.fencing_token)
+        check.amount("cost_micros", request.cost_micros, maximum=MAX_COST_MICROS)
+        check.amount("input_tokens", request.input_tokens, maximum=MAX_TOKENS)
+        check.amount("output_tokens", request.output_tokens, maximum=MAX_TOKENS)
+        check.text("model", request.model, max_length=128)
+        if request.outcome not in _OUTCOME:
+            check.add("outcome", f"unknown outcome {request.outcome}")
+        check.raise_if_any()
+        ack = await self._pool.report_usage(
+            UsageReport(
+                request_id=request.request_id,
+                lease_id=request.lease_id,
+                fencing_token=request.fencing_token,
+                cost_micros=request.cost_micros,
+                input_tokens=request.input_tokens,
+                output_tokens=request.output_tokens,
+                model=request.model,
+                outcome=_OUTCOME[request.outcome],
+            )
+        )
+        return pb.ReportUsageResponse(duplicate=ack.duplicate, subscription_id=ack.subscription_id)
+
+    @_errors_as_status
+    async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusResponse:
+        status = self._pool.status(include_clients=request.include_clients)
+        window_start, window_end = _timestamp(status.window_start), _timestamp(status.window_end)
+        subscriptions = [
+            pb.SubscriptionState(
+                subscription_id=view.spec.id,
+                type=view.spec.type,
+                masked_email=mask_email(view.spec.email),
+                status=_STATUS[view.status],
+                health_score=view.health,
+                live_clients=view.live_clients,
+                max_clients=view.spec.max_clients,
+                weekly_usage_micros=view.window_usage_micros,
+                weekly_budget_micros=view.spec.weekly_budget_micros,
+                utilization=view.window_usage_micros / view.spec.weekly_budget_micros,
+                window_start=window_start,
+                window_end=window_end,
+            )
+            for view in status.subscriptions
+        ]
+        views = status.subscriptions
+        totals = pb.PoolTotals(
+            subscriptions=len(views),
+            active_subscriptions=sum(1 for view in views if view.status is SubscriptionStatus.ACTIVE),
+            live_clients=sum(view.live_clients for view in views),
+            fallback_clients=status.fallback_clients,
+            weekly_usage_micros=sum(view.window_usage_micros for view in views),
+            weekly_budget_micros=sum(view.spec.weekly_budget_micros for view in views),
+            fallback_usage_micros=status.fallback_usage_micros,
+            average_health=sum(view.health for view in views) / len(views) if views else 0.0,
+            last_sequence=status.last_sequence,
+        )
+        return pb.StatusResponse(
+            subscriptions=subscriptions,
+            totals=totals,
+            clients=[self._lease(lease) for lease in status.leases],
+            as_of=_timestamp(status.as_of),
+        )
+
+    @_errors_as_status
+    async def Rebalance(self, request: pb.RebalanceRequest, context: grpc.aio.ServicerContext) -> pb.RebalanceResponse:
+        outcome = await self._pool.rebalance(dry_run=request.dry_run)
+        return pb.RebalanceResponse(
+            moves=[
+                pb.Move(
+                    lease_id=move.lease_id,
+                    client_id=move.client_id,
+                    from_subscription_id=move.from_subscription_id,
+                    to_subscription_id=move.to_subscription_id,
+                    fencing_token=token,
+                )
+                for move, token in outcome.moves
+            ],
+            reason=outcome.reason,
+            dry_run=outcome.dry_run,
+        )
+
+    async def WatchEvents(
+        self, request: pb.WatchEventsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.WatchEventsResponse]:
+        try:
+            async for event in self._pool.events.watch(request.after_sequence):
+                yield pb.WatchEventsResponse(event=_event(event))
+        except AuthPoolError as error:
+            await context.abort_with_status(to_status(error))
+
+
+def _event(event: Event) -> pb.Event:
+    return pb.Event(
+        sequence=event.sequence,
+        time=_timestamp(event.at),
+        type=_EVENT_TYPE[event.type],
+        subscription_id=event.subscription_id,
+        client_id=event.client_id,
+        lease_id=event.lease_id,
+        fencing_token=event.fencing_token,
+        attributes=dict(event.attributes),
+    )

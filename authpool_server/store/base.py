@@ -1,0 +1,88 @@
+"""The store contract.
+
+The pool is the only writer. It decides in memory, then hands the store a
+`WriteBatch` holding everything the decision changed, including its events;
+`write` returns only once the batch is durable, and batches are applied in
+the order they were written, so event sequence numbers are committed in
+order. At start the pool rebuilds its state from `open()`'s `Snapshot`.
+
+A store for several replicas (PostgreSQL) implements the same contract; it
+additionally serialises decisions across replicas with a lock on the pool and
+lets each replica catch up from the event log.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from authpool_server.domain import EndedLease, Event, Lease, UsageRecord
+
+__all__ = ["PruneHorizon", "Snapshot", "Store", "WriteBatch"]
+
+
+@dataclass(frozen=True, slots=True)
+class PruneHorizon:
+    """Delete what is older than these times (POSIX seconds)."""
+
+    usage_before: float
+    ended_leases_before: float
+    events_before: float
+
+
+@dataclass(slots=True)
+class WriteBatch:
+    """Everything one or more decisions changed, written atomically."""
+
+    leases: list[Lease] = field(default_factory=list)
+    ended: list[EndedLease] = field(default_factory=list)
+    usage: list[UsageRecord] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    fencing_token: int = 0
+    prune: PruneHorizon | None = None
+
+    def extend(self, other: WriteBatch) -> None:
+        """Append `other` after this batch (group commit merges batches)."""
+        self.leases.extend(other.leases)
+        self.ended.extend(other.ended)
+        self.usage.extend(other.usage)
+        self.events.extend(other.events)
+        self.fencing_token = max(self.fencing_token, other.fencing_token)
+        self.prune = other.prune or self.prune
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """The durable state, as loaded at start."""
+
+    live_leases: list[Lease]
+    ended_leases: list[EndedLease]
+    usage: list[UsageRecord]
+    last_sequence: int
+    fencing_token: int
+
+
+class Store(Protocol):
+    async def open(self) -> Snapshot:
+        """Create or migrate the schema and load the state."""
+        ...
+
+    async def load(self) -> Snapshot:
+        """Load the durable state again (after a failed write left memory ahead of it)."""
+        ...
+
+    async def write(self, batch: WriteBatch) -> None:
+        """Apply `batch` atomically; return only once it is durable."""
+        ...
+
+    async def events_after(self, sequence: int, limit: int) -> list[Event]:
+        """Up to `limit` events with a sequence greater than `sequence`, in order."""
+        ...
+
+    async def first_sequence(self) -> int:
+        """The oldest retained event's sequence, or 0 when the log is empty."""
+        ...
+
+    async def close(self) -> None:
+        """Release the store's resources; later calls fail."""
+        ...

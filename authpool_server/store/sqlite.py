@@ -1,0 +1,313 @@
+"""The embedded store: one SQLite file in WAL mode with `synchronous=FULL`.
+
+A batch is durable when `write` returns: SQLite fsyncs the write-ahead log on
+every commit. The pool merges whatever decisions queue up while a commit is
+in flight into the next batch (group commit), so one fsync covers many
+decisions and durability does not cost throughput.
+
+All writes go through one connection on one thread; event replays read
+through a second connection on another thread, which WAL lets run beside
+the writer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from authpool_server.domain import EndedLease, Event, EventType, Lease, Outcome, UsageRecord
+from authpool_server.store.base import Snapshot, WriteBatch
+
+__all__ = ["SQLiteStore"]
+
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS leases (
+    lease_id        TEXT PRIMARY KEY,
+    client_id       TEXT NOT NULL,
+    session_id      TEXT NOT NULL,
+    subscription_id TEXT NOT NULL,
+    fallback        INTEGER NOT NULL,
+    granted_at      REAL NOT NULL,
+    expires_at      REAL NOT NULL,
+    fencing_token   INTEGER NOT NULL,
+    acked_token     INTEGER NOT NULL,
+    last_used_at    REAL NOT NULL,
+    wanted_type     TEXT NOT NULL,
+    labels          TEXT NOT NULL,
+    history         TEXT NOT NULL,
+    ended_at        REAL
+);
+CREATE INDEX IF NOT EXISTS leases_ended_at ON leases (ended_at);
+CREATE TABLE IF NOT EXISTS usage (
+    request_id      TEXT PRIMARY KEY,
+    lease_id        TEXT NOT NULL,
+    client_id       TEXT NOT NULL,
+    subscription_id TEXT NOT NULL,
+    fallback        INTEGER NOT NULL,
+    at              REAL NOT NULL,
+    cost_micros     INTEGER NOT NULL,
+    input_tokens    INTEGER NOT NULL,
+    output_tokens   INTEGER NOT NULL,
+    model           TEXT NOT NULL,
+    outcome         TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS usage_at ON usage (at);
+CREATE TABLE IF NOT EXISTS events (
+    sequence INTEGER PRIMARY KEY,
+    at       REAL NOT NULL,
+    payload  TEXT NOT NULL
+);
+"""
+
+_UPSERT_LEASE = """
+INSERT INTO leases (lease_id, client_id, session_id, subscription_id, fallback, granted_at,
+                    expires_at, fencing_token, acked_token, last_used_at, wanted_type, labels,
+                    history, ended_at)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (lease_id) DO UPDATE SET
+    subscription_id = excluded.subscription_id, fallback = excluded.fallback,
+    expires_at = excluded.expires_at, fencing_token = excluded.fencing_token,
+    acked_token = excluded.acked_token, last_used_at = excluded.last_used_at,
+    history = excluded.history, ended_at = excluded.ended_at
+"""
+
+
+_SET_META = "INSERT INTO meta VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value"
+
+
+def _lease_row(lease: Lease, ended_at: float | None = None) -> tuple[object, ...]:
+    return (
+        lease.lease_id,
+        lease.client_id,
+        lease.session_id,
+        lease.subscription_id,
+        int(lease.fallback),
+        lease.granted_at,
+        lease.expires_at,
+        lease.fencing_token,
+        lease.acked_token,
+        lease.last_used_at,
+        lease.wanted_type,
+        json.dumps(lease.labels),
+        json.dumps(lease.history),
+        ended_at,
+    )
+
+
+def _lease_from_row(row: sqlite3.Row) -> Lease:
+    return Lease(
+        lease_id=row["lease_id"],
+        client_id=row["client_id"],
+        session_id=row["session_id"],
+        subscription_id=row["subscription_id"],
+        fallback=bool(row["fallback"]),
+        granted_at=row["granted_at"],
+        expires_at=row["expires_at"],
+        fencing_token=row["fencing_token"],
+        acked_token=row["acked_token"],
+        last_used_at=row["last_used_at"],
+        wanted_type=row["wanted_type"],
+        labels=tuple((k, v) for k, v in json.loads(row["labels"])),
+        history=tuple((t, s) for t, s in json.loads(row["history"])),
+    )
+
+
+def _event_payload(event: Event) -> str:
+    return json.dumps(
+        {
+            "type": event.type.value,
+            "subscription_id": event.subscription_id,
+            "client_id": event.client_id,
+            "lease_id": event.lease_id,
+            "fencing_token": event.fencing_token,
+            "attributes": event.attributes,
+        },
+        separators=(",", ":"),
+    )
+
+
+def _event_from_row(sequence: int, at: float, payload: str) -> Event:
+    data = json.loads(payload)
+    return Event(
+        sequence=sequence,
+        at=at,
+        type=EventType(data["type"]),
+        subscription_id=data["subscription_id"],
+        client_id=data["client_id"],
+        lease_id=data["lease_id"],
+        fencing_token=data["fencing_token"],
+        attributes=tuple((k, v) for k, v in data["attributes"]),
+    )
+
+
+class SQLiteStore:
+    """The embedded store. `path` is the database file; its folder is created."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._writer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-writer")
+        self._reader_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-reader")
+        self._writer: sqlite3.Connection | None = None
+        self._reader: sqlite3.Connection | None = None
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA busy_timeout=5000")
+        return conn
+
+    async def _on_writer(self, fn, *args):  # type: ignore[no-untyped-def]
+        return await asyncio.get_running_loop().run_in_executor(self._writer_thread, fn, *args)
+
+    async def open(self) -> Snapshot:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        return await self._on_writer(self._open)
+
+    def _open(self) -> Snapshot:
+        self._writer = self._connect()
+        self._reader = self._connect()
+        self._writer.executescript(_SCHEMA)
+        version = self._meta("schema_version")
+        if version is None:
+            self._writer.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        elif int(version) > SCHEMA_VERSION:
+            raise RuntimeError(f"{self.path} has schema version {version}, newer than this server's {SCHEMA_VERSION}")
+        return self._load()
+
+    async def load(self) -> Snapshot:
+        return await self._on_writer(self._load)
+
+    def _load(self) -> Snapshot:
+        conn = self._writer
+        assert conn is not None
+        live = [_lease_from_row(r) for r in conn.execute("SELECT * FROM leases WHERE ended_at IS NULL")]
+        ended = [
+            EndedLease(_lease_from_row(r), r["ended_at"])
+            for r in conn.execute("SELECT * FROM leases WHERE ended_at IS NOT NULL")
+        ]
+        usage = [
+            UsageRecord(
+                request_id=r["request_id"],
+                lease_id=r["lease_id"],
+                client_id=r["client_id"],
+                subscription_id=r["subscription_id"],
+                fallback=bool(r["fallback"]),
+                at=r["at"],
+                cost_micros=r["cost_micros"],
+                input_tokens=r["input_tokens"],
+                output_tokens=r["output_tokens"],
+                model=r["model"],
+                outcome=Outcome(r["outcome"]),
+            )
+            for r in conn.execute("SELECT * FROM usage")
+        ]
+        last_sequence = max(
+            int(self._meta("last_sequence") or 0),
+            conn.execute("SELECT COALESCE(MAX(sequence), 0) FROM events").fetchone()[0],
+        )
+        token = int(self._meta("fencing_token") or 0)
+        return Snapshot(live, ended, usage, last_sequence, token)
+
+    def _meta(self, key: str) -> str | None:
+        assert self._writer is not None
+        row = self._writer.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else row[0]
+
+    async def write(self, batch: WriteBatch) -> None:
+        await self._on_writer(self._write, batch)
+
+    def _write(self, batch: WriteBatch) -> None:
+        conn = self._writer
+        if conn is None:
+            raise RuntimeError("the store is closed")
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if batch.leases:
+                conn.executemany(_UPSERT_LEASE, [_lease_row(lease) for lease in batch.leases])
+            if batch.ended:
+                conn.executemany(_UPSERT_LEASE, [_lease_row(e.lease, e.ended_at) for e in batch.ended])
+            if batch.usage:
+                conn.executemany(
+                    "INSERT OR IGNORE INTO usage VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [
+                        (
+                            u.request_id,
+                            u.lease_id,
+                            u.client_id,
+                            u.subscription_id,
+                            int(u.fallback),
+                            u.at,
+                            u.cost_micros,
+                            u.input_tokens,
+                            u.output_tokens,
+                            u.model,
+                            u.outcome.value,
+                        )
+                        for u in batch.usage
+                    ],
+                )
+            if batch.events:
+                conn.executemany(
+                    "INSERT INTO events VALUES (?, ?, ?)",
+                    [(e.sequence, e.at, _event_payload(e)) for e in batch.events],
+                )
+            # Counters live in `meta` too, so pruning old rows never lets a
+            # fencing token or an event sequence number be handed out twice.
+            if batch.fencing_token:
+                conn.execute(_SET_META, ("fencing_token", str(batch.fencing_token)))
+            if batch.events:
+                conn.execute(_SET_META, ("last_sequence", str(batch.events[-1].sequence)))
+            if batch.prune is not None:
+                conn.execute("DELETE FROM usage WHERE at < ?", (batch.prune.usage_before,))
+                conn.execute(
+                    "DELETE FROM leases WHERE ended_at IS NOT NULL AND ended_at < ?",
+                    (batch.prune.ended_leases_before,),
+                )
+                conn.execute("DELETE FROM events WHERE at < ?", (batch.prune.events_before,))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    async def events_after(self, sequence: int, limit: int) -> list[Event]:
+        return await asyncio.get_running_loop().run_in_executor(
+            self._reader_thread, self._events_after, sequence, limit
+        )
+
+    def _events_after(self, sequence: int, limit: int) -> list[Event]:
+        if self._reader is None:
+            raise RuntimeError("the store is closed")
+        rows = self._reader.execute(
+            "SELECT sequence, at, payload FROM events WHERE sequence > ? ORDER BY sequence LIMIT ?",
+            (sequence, limit),
+        )
+        return [_event_from_row(*row) for row in rows]
+
+    async def first_sequence(self) -> int:
+        return await asyncio.get_running_loop().run_in_executor(self._reader_thread, self._first_sequence)
+
+    def _first_sequence(self) -> int:
+        if self._reader is None:
+            raise RuntimeError("the store is closed")
+        return self._reader.execute("SELECT COALESCE(MIN(sequence), 0) FROM events").fetchone()[0]
+
+    async def close(self) -> None:
+        def close_all() -> None:
+            for conn in (self._writer, self._reader):
+                if conn is not None:
+                    conn.close()
+            self._writer = self._reader = None
+
+        await self._on_writer(close_all)
+        self._writer_thread.shutdown(wait=True)
+        self._reader_thread.shutdown(wait=True)
