@@ -1,0 +1,67 @@
+"""An in-memory store: the real contract without a disk, for tests and the simulator.
+
+It keeps exactly what a durable store would, so a pool rebuilt from it after
+a "restart" must come back to the same state.
+"""
+
+from __future__ import annotations
+
+from authpool_server.domain import EndedLease, Event, Lease, UsageRecord
+from authpool_server.store.base import Snapshot, WriteBatch
+
+__all__ = ["MemoryStore"]
+
+
+class MemoryStore:
+    def __init__(self) -> None:
+        self.leases: dict[str, Lease] = {}
+        self.ended: dict[str, EndedLease] = {}
+        self.usage: dict[str, UsageRecord] = {}
+        self.events: list[Event] = []
+        self.fencing_token = 0
+        self.last_sequence = 0
+        self.writes = 0
+        self.fail_next_write: Exception | None = None
+
+    async def open(self) -> Snapshot:
+        return await self.load()
+
+    async def load(self) -> Snapshot:
+        return Snapshot(
+            live_leases=list(self.leases.values()),
+            ended_leases=list(self.ended.values()),
+            usage=list(self.usage.values()),
+            last_sequence=self.last_sequence,
+            fencing_token=self.fencing_token,
+        )
+
+    async def write(self, batch: WriteBatch) -> None:
+        if self.fail_next_write is not None:
+            error, self.fail_next_write = self.fail_next_write, None
+            raise error
+        self.writes += 1
+        for lease in batch.leases:
+            self.leases[lease.lease_id] = lease
+        for ended in batch.ended:
+            self.leases.pop(ended.lease.lease_id, None)
+            self.ended[ended.lease.lease_id] = ended
+        for record in batch.usage:
+            self.usage.setdefault(record.request_id, record)
+        self.events.extend(batch.events)
+        if batch.events:
+            self.last_sequence = batch.events[-1].sequence
+        self.fencing_token = max(self.fencing_token, batch.fencing_token)
+        if batch.prune is not None:
+            horizon = batch.prune
+            self.usage = {k: u for k, u in self.usage.items() if u.at >= horizon.usage_before}
+            self.ended = {k: e for k, e in self.ended.items() if e.ended_at >= horizon.ended_leases_before}
+            self.events = [e for e in self.events if e.at >= horizon.events_before]
+
+    async def events_after(self, sequence: int, limit: int) -> list[Event]:
+        return [e for e in self.events if e.sequence > sequence][:limit]
+
+    async def first_sequence(self) -> int:
+        return self.events[0].sequence if self.events else 0
+
+    async def close(self) -> None:
+        pass
