@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -84,7 +85,7 @@ class Server:
         await self.pool.start(background=self._background)
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving", extra={"context": {"listen": self._listen, "port": self.port}})
+        log.info("serving", extra={"context": {"listen": self._listen, "port": self.port, "pid": os.getpid()}})
 
     async def stop(self) -> None:
         """Drain and stop: in-flight calls finish, acknowledged state is flushed."""
