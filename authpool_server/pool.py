@@ -150,7 +150,7 @@ class Pool:
         self._statuses: dict[str, SubscriptionStatus] = {}
         self._window = (0.0, 0.0)
         self._usage_log: deque[UsageRecord] = deque()  # in time order, for pruning
-        self._request_ids: set[str] = set()
+        self._request_ids: dict[str, str] = {}  # request id -> subscription charged
         self._fallback_usage = 0
         self._sequence = 0
         self._token = 0
@@ -194,7 +194,7 @@ class Pool:
             if not lease.fallback:
                 self._live[lease.subscription_id] = self._live.get(lease.subscription_id, 0) + 1
         self._usage_log = deque(sorted(snapshot.usage, key=lambda record: record.at))
-        self._request_ids = {record.request_id for record in snapshot.usage}
+        self._request_ids = {record.request_id: record.subscription_id for record in snapshot.usage}
         self._sequence = snapshot.last_sequence
         self._token = snapshot.fencing_token
         self.events.last_sequence = snapshot.last_sequence
@@ -490,9 +490,10 @@ class Pool:
         """Record one provider request's cost, once per request id."""
         self._check_ready()
         key = f"usage:{report.request_id}"
-        if report.request_id in self._request_ids:
+        charged = self._request_ids.get(report.request_id)
+        if charged is not None:
             await self._settled(key)
-            return UsageAck(duplicate=True, subscription_id="")
+            return UsageAck(duplicate=True, subscription_id=charged)
         now = self._clock()
         batch = WriteBatch()
         self._advance(now, batch)
@@ -525,7 +526,7 @@ class Pool:
             model=report.model,
             outcome=report.outcome,
         )
-        self._request_ids.add(report.request_id)
+        self._request_ids[report.request_id] = subscription_id
         self._usage_log.append(record)
         batch.usage.append(record)
         if fallback:
@@ -632,7 +633,7 @@ class Pool:
         usage_before = now - self.spec.usage_retention_seconds
         while self._usage_log and self._usage_log[0].at < usage_before:
             record = self._usage_log.popleft()
-            self._request_ids.discard(record.request_id)
+            self._request_ids.pop(record.request_id, None)
             if record.fallback:
                 self._fallback_usage -= record.cost_micros
         ended_before = now - self.spec.ended_lease_retention_seconds
