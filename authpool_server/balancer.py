@@ -244,33 +244,41 @@ def plan_rebalance(
     if gap <= policy.cost_gap_micros:
         return RebalancePlan((), f"cost gap {gap} micros is within the threshold {policy.cost_gap_micros}")
 
+    in_pool = {load.spec.id: load for load in loads}
     idle: dict[str, list[Lease]] = {}
     for lease in leases:
-        if not lease.fallback and now - lease.last_used_at >= policy.idle_seconds:
+        # A lease on a subscription no longer in the pool is failover's business.
+        if not lease.fallback and lease.subscription_id in in_pool and now - lease.last_used_at >= policy.idle_seconds:
             idle.setdefault(lease.subscription_id, []).append(lease)
     for candidates in idle.values():
-        candidates.sort(key=lambda lease: (lease.last_used_at, lease.lease_id), reverse=True)
+        candidates.sort(key=lambda lease: (lease.last_used_at, lease.lease_id))  # longest idle first
 
     live = {load.spec.id: load.live_clients for load in loads}
-    by_id = {load.spec.id: load for load in loads}
+
+    def cheapest_target(lease: Lease) -> str | None:
+        targets = [
+            load.spec.id
+            for load in active
+            if load.spec.id != lease.subscription_id
+            and live[load.spec.id] < load.spec.max_clients
+            and (not lease.wanted_type or load.spec.type == lease.wanted_type)
+        ]
+        return min(targets, key=lambda sid: (usage[sid], sid), default=None)
+
+    def next_move() -> PlannedMove | None:
+        for source in sorted(idle, key=lambda sid: (-usage[sid], sid)):
+            for lease in idle[source]:
+                target = cheapest_target(lease)
+                if target is not None and usage[source] - usage[target] > policy.cost_gap_micros:
+                    idle[source].remove(lease)
+                    return PlannedMove(lease.lease_id, lease.client_id, source, target)
+        return None
+
     moves: list[PlannedMove] = []
-    while len(moves) < policy.max_moves_per_cycle:
-        sources = sorted((sid for sid in idle if idle[sid]), key=lambda sid: (-usage[sid], sid))
-        targets = sorted(
-            (load.spec.id for load in active if live[load.spec.id] < load.spec.max_clients),
-            key=lambda sid: (usage[sid], sid),
-        )
-        if not sources or not targets:
-            break
-        source, target = sources[0], targets[0]
-        if usage[source] - usage[target] <= policy.cost_gap_micros:
-            break
-        lease = idle[source].pop()
-        if lease.wanted_type and by_id[target].spec.type != lease.wanted_type:
-            continue
-        moves.append(PlannedMove(lease.lease_id, lease.client_id, source, target))
-        live[source] -= 1
-        live[target] += 1
+    while len(moves) < policy.max_moves_per_cycle and (move := next_move()) is not None:
+        moves.append(move)
+        live[move.from_subscription_id] -= 1
+        live[move.to_subscription_id] += 1
     if not moves:
         return RebalancePlan((), f"cost gap {gap} micros, but no idle client can move to a cheaper subscription")
     return RebalancePlan(tuple(moves), f"cost gap {gap} micros exceeds {policy.cost_gap_micros}")

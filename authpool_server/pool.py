@@ -23,6 +23,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
+from typing import TypeVar
 
 from authpool_server import balancer
 from authpool_server.balancer import Placement, PlannedMove, Refusal, SubscriptionLoad
@@ -125,6 +126,13 @@ class PoolStatus:
     as_of: float
 
 
+def _usage_key(request_id: str) -> str:
+    return f"usage:{request_id}"
+
+
+_Result = TypeVar("_Result")
+
+
 class Pool:
     """Owns the pool's state; every change goes through one of its methods."""
 
@@ -219,14 +227,16 @@ class Pool:
 
     def _recount_window(self, now: float) -> None:
         self._window = balancer.window_bounds(now)
-        start = self._window[0]
-        self._window_usage = {spec.id: 0 for spec in self.spec.subscriptions}
-        self._fallback_usage = 0
+        self._window_usage = self._usage_since(self._window[0])
+        self._fallback_usage = sum(record.cost_micros for record in self._usage_log if record.fallback)
+
+    def _usage_since(self, start: float) -> dict[str, int]:
+        """Pool spend per subscription from `start` on, from the usage log."""
+        spent = {spec.id: 0 for spec in self.spec.subscriptions}
         for record in self._usage_log:
-            if record.fallback:
-                self._fallback_usage += record.cost_micros
-            elif record.at >= start and record.subscription_id in self._window_usage:
-                self._window_usage[record.subscription_id] += record.cost_micros
+            if not record.fallback and record.at >= start and record.subscription_id in spent:
+                spent[record.subscription_id] += record.cost_micros
+        return spent
 
     # -- helpers -------------------------------------------------------------
 
@@ -342,14 +352,20 @@ class Pool:
         )
         return moved
 
-    async def _commit(self, batch: WriteBatch, *keys: str) -> None:
+    def _submit(self, batch: WriteBatch) -> asyncio.Future[None] | None:
+        """Hand `batch` to the committer; what it writes stays unsettled until durable."""
         if not (batch.leases or batch.ended or batch.usage or batch.events or batch.prune):
-            return
+            return None
         future = self._committer.submit(batch)
+        keys = (
+            *(lease.lease_id for lease in batch.leases),
+            *(ended.lease.lease_id for ended in batch.ended),
+            *(_usage_key(record.request_id) for record in batch.usage),
+        )
         for key in keys:
             self._unsettled[key] = future
         future.add_done_callback(lambda done: self._settle(keys, done))
-        await asyncio.shield(future)
+        return future
 
     def _settle(self, keys: Iterable[str], future: asyncio.Future[None]) -> None:
         for key in keys:
@@ -360,6 +376,32 @@ class Pool:
         future = self._unsettled.get(key)
         if future is not None:
             await asyncio.shield(future)
+
+    async def _apply(self, decide: Callable[[float, WriteBatch], _Result]) -> _Result:
+        """Take one decision and answer once what it changed is durable.
+
+        `decide` runs synchronously and the batch is handed to the committer
+        before anything yields, so batches are committed (and their events
+        published) in the order the decisions were taken. When `decide`
+        raises, whatever it had already changed (a window roll, an inline
+        expiry) is committed all the same, so memory, store and event log never
+        disagree and no sequence number is skipped.
+        """
+        self._check_ready()
+        now = self._clock()
+        batch = WriteBatch()
+        self._advance(now, batch)
+        try:
+            result = decide(now, batch)
+        except BaseException:
+            future = self._submit(batch)
+            if future is not None:
+                await asyncio.shield(future)
+            raise
+        future = self._submit(batch)
+        if future is not None:
+            await asyncio.shield(future)
+        return result
 
     # -- operations ----------------------------------------------------------
 
@@ -372,34 +414,41 @@ class Pool:
         labels: Iterable[tuple[str, str]] = (),
     ) -> Allocation:
         """Grant the client a lease, or return the one it holds (sticky)."""
-        self._check_ready()
-        now = self._clock()
-        batch = WriteBatch()
-        self._advance(now, batch)
+        labels = tuple(labels)
+        allocation = await self._apply(
+            lambda now, batch: self._allocate(client_id, session_id, wanted_type, labels, now, batch)
+        )
+        # The live lease may come from a grant whose commit is still in flight.
+        await self._settled(allocation.lease.lease_id)
+        return allocation
+
+    def _allocate(
+        self,
+        client_id: str,
+        session_id: str,
+        wanted_type: str,
+        labels: tuple[tuple[str, str], ...],
+        now: float,
+        batch: WriteBatch,
+    ) -> Allocation:
         lease_id = self._lease_of_client.get(client_id)
         current = self._live_lease(lease_id, now, batch) if lease_id else None
         decision = balancer.decide_allocation(self._loads(), self.spec, current, wanted_type, now)
         if isinstance(decision, Refusal):
-            await self._commit(batch)
             raise PoolExhausted(decision.reason, decision.retry_after_seconds)
-
         if current is not None and decision.kind is DecisionKind.STICKY:
             if current.acked_token != current.fencing_token:
                 current = replace(current, acked_token=current.fencing_token)
                 self._store_lease(current, batch)
-            await self._commit(batch, current.lease_id)
-            await self._settled(current.lease_id)
             return Allocation(current, DecisionKind.STICKY, decision.reason)
-
         if current is not None:
             lease = self._place(current, decision, now, batch)
             lease = replace(lease, acked_token=lease.fencing_token, expires_at=now + self.spec.lease_ttl_seconds)
             self._store_lease(lease, batch)
         else:
-            lease = self._grant(client_id, session_id, wanted_type, tuple(labels), decision, now, batch)
+            lease = self._grant(client_id, session_id, wanted_type, labels, decision, now, batch)
         if not lease.fallback:
             self._note_status(lease.subscription_id, batch, now)
-        await self._commit(batch, lease.lease_id)
         return Allocation(lease, decision.kind, decision.reason)
 
     def _grant(
@@ -449,64 +498,58 @@ class Pool:
 
     async def renew(self, lease_id: str, fencing_token: int) -> Renewal:
         """Extend a lease; move it first if its subscription can no longer serve it."""
-        self._check_ready()
-        now = self._clock()
-        batch = WriteBatch()
-        self._advance(now, batch)
+        return await self._apply(lambda now, batch: self._renew(lease_id, fencing_token, now, batch))
+
+    def _renew(self, lease_id: str, fencing_token: int, now: float, batch: WriteBatch) -> Renewal:
         lease = self._live_lease(lease_id, now, batch)
         if lease is None:
-            await self._commit(batch, lease_id)
             raise LeaseNotFound(lease_id)
         self._check_token(lease, fencing_token)
         decision = balancer.decide_renewal(self._loads(), self.spec, lease, now)
         if isinstance(decision, Refusal):
-            await self._commit(batch)
             raise PoolExhausted(decision.reason, decision.retry_after_seconds)
         if decision.kind is not DecisionKind.STICKY:
             lease = self._place(lease, decision, now, batch)
             self._note_status(lease.subscription_id, batch, now)
         renewed = replace(lease, expires_at=now + self.spec.lease_ttl_seconds, acked_token=lease.fencing_token)
         self._store_lease(renewed, batch)
-        await self._commit(batch, lease_id)
         return Renewal(renewed, moved=fencing_token < renewed.fencing_token)
 
     async def release(self, lease_id: str, fencing_token: int) -> bool:
         """End a lease; True when this call ended it, False when it was not live."""
-        self._check_ready()
-        now = self._clock()
-        batch = WriteBatch()
-        self._advance(now, batch)
+        released = await self._apply(lambda now, batch: self._release(lease_id, fencing_token, now, batch))
+        if not released:
+            # Another call may have ended it a moment ago: answer once that is durable.
+            await self._settled(lease_id)
+        return released
+
+    def _release(self, lease_id: str, fencing_token: int, now: float, batch: WriteBatch) -> bool:
         lease = self._live_lease(lease_id, now, batch)
         if lease is None:
-            await self._commit(batch, lease_id)
-            await self._settled(lease_id)
             return False
         self._check_token(lease, fencing_token)
         self._end(lease, now, batch, EventType.LEASE_RELEASED)
-        await self._commit(batch, lease_id)
         return True
 
     async def report_usage(self, report: UsageReport) -> UsageAck:
         """Record one provider request's cost, once per request id."""
-        self._check_ready()
-        key = f"usage:{report.request_id}"
         charged = self._request_ids.get(report.request_id)
         if charged is not None:
-            await self._settled(key)
+            self._check_ready()
+            # The first report may still be on its way to disk.
+            await self._settled(_usage_key(report.request_id))
             return UsageAck(duplicate=True, subscription_id=charged)
-        now = self._clock()
-        batch = WriteBatch()
-        self._advance(now, batch)
+        return await self._apply(lambda now, batch: self._report_usage(report, now, batch))
+
+    def _report_usage(self, report: UsageReport, now: float, batch: WriteBatch) -> UsageAck:
         lease = self._live_lease(report.lease_id, now, batch)
         if lease is None:
             ended = self._ended.get(report.lease_id)
             if ended is None:
-                await self._commit(batch)
                 raise LeaseNotFound(report.lease_id)
             lease = ended.lease
         subscription_id = lease.subscription_at(report.fencing_token)
         if subscription_id is None:
-            await self._commit(batch)
             raise InvalidArgument(
                 [("fencing_token", f"{report.fencing_token} was never a token of lease {lease.lease_id!r}")]
             )
@@ -551,7 +594,6 @@ class Pool:
         )
         if not fallback:
             self._note_status(subscription_id, batch, now)
-        await self._commit(batch, key)
         return UsageAck(duplicate=False, subscription_id=subscription_id)
 
     def _was_fallback(self, subscription_id: str) -> bool:
@@ -559,35 +601,38 @@ class Pool:
 
     async def rebalance(self, *, dry_run: bool) -> RebalanceOutcome:
         """Run one rebalancing cycle (or only plan it) and say what moved and why."""
-        self._check_ready()
-        now = self._clock()
-        batch = WriteBatch()
-        self._advance(now, batch)
+        return await self._apply(lambda now, batch: self._rebalance(dry_run, now, batch))
+
+    def _rebalance(self, dry_run: bool, now: float, batch: WriteBatch) -> RebalanceOutcome:
         plan = balancer.plan_rebalance(self._loads(), self._leases.values(), self.spec, now)
         if dry_run:
-            await self._commit(batch)
             return RebalanceOutcome(tuple((move, 0) for move in plan.moves), plan.reason, dry_run=True)
         moved: list[tuple[PlannedMove, int]] = []
         for move in plan.moves:
             lease = self._leases[move.lease_id]
             placement = Placement(DecisionKind.FAILOVER, move.to_subscription_id, plan.reason)
             moved.append((move, self._place(lease, placement, now, batch).fencing_token))
-        for spec in self.spec.subscriptions:
-            self._note_status(spec.id, batch, now)
         self._event(
             batch,
             now,
             EventType.REBALANCE_COMPLETED,
             attributes=(("moves", str(len(moved))), ("reason", plan.reason)),
         )
-        await self._commit(batch)
         return RebalanceOutcome(tuple(moved), plan.reason, dry_run=False)
 
     def status(self, *, include_clients: bool = False) -> PoolStatus:
         """The pool's state now (decisions in flight included)."""
         now = self._clock()
+        window_start, window_end = self._window
+        loads = self._loads()
+        if now >= window_end:
+            # The window ended since the last change; the next change (or the
+            # reaper, within seconds) rolls it. Until then, read the new window.
+            window_start, window_end = balancer.window_bounds(now)
+            spent = self._usage_since(window_start)
+            loads = [replace(load, window_usage_micros=spent.get(load.spec.id, 0)) for load in loads]
         views = []
-        for load in self._loads():
+        for load in loads:
             views.append(
                 SubscriptionView(
                     spec=load.spec,
@@ -602,8 +647,8 @@ class Pool:
             subscriptions=tuple(views),
             fallback_clients=sum(1 for lease in leases if lease.fallback),
             fallback_usage_micros=self._fallback_usage,
-            window_start=self._window[0],
-            window_end=self._window[1],
+            window_start=window_start,
+            window_end=window_end,
             last_sequence=self.events.last_sequence,
             leases=leases if include_clients else (),
             as_of=now,
@@ -615,18 +660,15 @@ class Pool:
         """Expire leases past their time to live and prune old records; returns leases expired."""
         if not self._healthy:
             return 0
-        now = self._clock()
-        batch = WriteBatch()
-        self._advance(now, batch)
+        return await self._apply(self._reap)
+
+    def _reap(self, now: float, batch: WriteBatch) -> int:
         expired = [lease for lease in self._leases.values() if lease.expires_at <= now]
         for lease in expired:
             self._end(lease, now, batch, EventType.LEASE_EXPIRED)
-            if not lease.fallback:
-                self._note_status(lease.subscription_id, batch, now)
         if now - self._last_prune >= _PRUNE_EVERY_SECONDS:
             self._last_prune = now
             self._prune(now, batch)
-        await self._commit(batch)
         return len(expired)
 
     def _prune(self, now: float, batch: WriteBatch) -> None:
