@@ -6,6 +6,7 @@
     ├── StaleFencingToken          ABORTED: another holder owns the lease now
     ├── PoolExhausted              RESOURCE_EXHAUSTED, with a retry delay
     ├── EventsCompacted            OUT_OF_RANGE: resume from the oldest retained event
+    ├── SequenceAhead              OUT_OF_RANGE: the cursor is past the log's end
     ├── StoreUnavailable           UNAVAILABLE: the store failed; retrying is safe
     └── WatcherLagged              ABORTED: a watcher fell behind; resume from its last sequence
 
@@ -25,6 +26,7 @@ __all__ = [
     "InvalidArgument",
     "LeaseNotFound",
     "PoolExhausted",
+    "SequenceAhead",
     "StaleFencingToken",
     "StoreUnavailable",
     "WatcherLagged",
@@ -85,6 +87,17 @@ class EventsCompacted(AuthPoolError):
             f"after_sequence: events after {requested} were compacted away; "
             f"the oldest retained event is {oldest}, resume from after_sequence={oldest - 1}",
             oldest_sequence=str(oldest),
+        )
+
+
+class SequenceAhead(AuthPoolError):
+    reason = "SEQUENCE_AHEAD"
+
+    def __init__(self, requested: int, last: int) -> None:
+        super().__init__(
+            f"after_sequence: {requested} is past the newest event {last}; was the store restored "
+            "from a backup? Resume from a sequence you have seen from this server",
+            last_sequence=str(last),
         )
 
 

@@ -14,7 +14,7 @@ import asyncio
 from collections.abc import AsyncIterator, Iterable
 
 from authpool_server.domain import Event
-from authpool_server.errors import EventsCompacted, WatcherLagged
+from authpool_server.errors import EventsCompacted, SequenceAhead, WatcherLagged
 from authpool_server.store.base import Store
 
 __all__ = ["EventHub"]
@@ -69,6 +69,9 @@ class EventHub:
             EventsCompacted: events after `after_sequence` are no longer retained.
             WatcherLagged: the watcher fell behind by more than its queue holds.
         """
+        if after_sequence > self.last_sequence:
+            # Waiting would silently skip every event up to the stale cursor.
+            raise SequenceAhead(after_sequence, self.last_sequence)
         watcher = _Watcher(self._capacity)
         self._watchers.add(watcher)
         replay_until = self.last_sequence

@@ -431,6 +431,8 @@ class Pool:
         now: float,
         batch: WriteBatch,
     ) -> Allocation:
+        if wanted_type and not any(spec.type == wanted_type for spec in self.spec.subscriptions):
+            raise InvalidArgument([("subscription_type", f"the pool has no subscription of type {wanted_type!r}")])
         lease_id = self._lease_of_client.get(client_id)
         current = self._live_lease(lease_id, now, batch) if lease_id else None
         decision = balancer.decide_allocation(self._loads(), self.spec, current, wanted_type, now)
@@ -493,7 +495,9 @@ class Pool:
         return lease
 
     def _check_token(self, lease: Lease, token: int) -> None:
-        if not lease.acked_token <= token <= lease.fencing_token:
+        if token > lease.fencing_token:
+            raise InvalidArgument([("fencing_token", f"{token} was never a token of lease {lease.lease_id!r}")])
+        if token < lease.acked_token:
             raise StaleFencingToken(lease.lease_id, token, lease.acked_token, lease.fencing_token)
 
     async def renew(self, lease_id: str, fencing_token: int) -> Renewal:

@@ -26,6 +26,7 @@ _CODES: dict[type[errors.AuthPoolError], int] = {
     errors.StaleFencingToken: code_pb2.ABORTED,
     errors.PoolExhausted: code_pb2.RESOURCE_EXHAUSTED,
     errors.EventsCompacted: code_pb2.OUT_OF_RANGE,
+    errors.SequenceAhead: code_pb2.OUT_OF_RANGE,
     errors.StoreUnavailable: code_pb2.UNAVAILABLE,
     errors.WatcherLagged: code_pb2.ABORTED,
 }

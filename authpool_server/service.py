@@ -9,6 +9,7 @@ field), calls one `Pool` operation, and translates the result; an
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
@@ -24,6 +25,8 @@ from authpool_server.rpc_errors import to_status
 from authpool_server.validation import MAX_COST_MICROS, MAX_TOKENS, Violations
 
 __all__ = ["AuthPoolService", "mask_email"]
+
+log = logging.getLogger(__name__)
 
 _Request = TypeVar("_Request")
 _Response = TypeVar("_Response")
@@ -57,6 +60,9 @@ _EVENT_TYPE = {
 }
 
 
+_INTERNAL = AuthPoolError("internal error; the server log has the details")
+
+
 def mask_email(email: str) -> str:
     """`team+sub1@company.com` -> `t***@company.com`: enough to tell accounts apart."""
     local, _, domain = email.partition("@")
@@ -78,6 +84,11 @@ def _errors_as_status(
             return await method(self, request, context)
         except AuthPoolError as error:
             await context.abort_with_status(to_status(error))
+            raise  # unreachable: abort_with_status raises
+        except Exception:
+            # Never hand a caller a raw exception text: it may hold paths or worse.
+            log.exception("%s failed unexpectedly", method.__name__)
+            await context.abort_with_status(to_status(_INTERNAL))
             raise  # unreachable: abort_with_status raises
 
     return wrapper
@@ -246,6 +257,9 @@ class AuthPoolService(authpool_pb2_grpc.AuthPoolServicer):
                 yield pb.WatchEventsResponse(event=_event(event))
         except AuthPoolError as error:
             await context.abort_with_status(to_status(error))
+        except Exception:
+            log.exception("WatchEvents failed unexpectedly")
+            await context.abort_with_status(to_status(_INTERNAL))
 
 
 def _event(event: Event) -> pb.Event:

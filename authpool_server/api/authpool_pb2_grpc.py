@@ -136,7 +136,10 @@ class AuthPoolServicer:
     def WatchEvents(self, request, context):
         """WatchEvents streams the event log: every event after `after_sequence`,
         in order, then new events as they happen. A sequence older than the
-        retained log fails with OUT_OF_RANGE (EVENTS_COMPACTED).
+        retained log fails with OUT_OF_RANGE (EVENTS_COMPACTED); one past the
+        newest event (a cursor from before a restore) fails with OUT_OF_RANGE
+        (SEQUENCE_AHEAD); a watcher too slow to keep up is ended with ABORTED
+        (WATCHER_LAGGED) and resumes from the last sequence it received.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

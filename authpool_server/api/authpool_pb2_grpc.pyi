@@ -6,9 +6,12 @@ workspaces) from a pool of subscriptions to the internal services that
 need them, keeping every subscription inside its budget and client limit.
 
 Errors are gRPC statuses carrying `google.rpc` details (AIP-193): every
-error has an `ErrorInfo` with a stable UPPER_SNAKE `reason` in the domain
-"authpool.v1"; INVALID_ARGUMENT adds a `BadRequest` naming each offending
-field; RESOURCE_EXHAUSTED adds a `RetryInfo`.
+error raised by AuthPool itself has an `ErrorInfo` with a stable
+UPPER_SNAKE `reason` in the domain "authpool.v1" (INTERNAL for faults);
+INVALID_ARGUMENT adds a `BadRequest` naming each offending field;
+RESOURCE_EXHAUSTED (POOL_EXHAUSTED) adds a `RetryInfo`. Errors raised by
+the gRPC layer before AuthPool sees the call (an oversize message,
+undecodable bytes) carry only the status code.
 """
 
 from . import authpool_pb2 as _authpool_pb2
@@ -76,7 +79,10 @@ class AuthPoolStub:
     WatchEvents: _grpc.UnaryStreamMultiCallable[_authpool_pb2.WatchEventsRequest, _authpool_pb2.WatchEventsResponse]
     """WatchEvents streams the event log: every event after `after_sequence`,
     in order, then new events as they happen. A sequence older than the
-    retained log fails with OUT_OF_RANGE (EVENTS_COMPACTED).
+    retained log fails with OUT_OF_RANGE (EVENTS_COMPACTED); one past the
+    newest event (a cursor from before a restore) fails with OUT_OF_RANGE
+    (SEQUENCE_AHEAD); a watcher too slow to keep up is ended with ABORTED
+    (WATCHER_LAGGED) and resumes from the last sequence it received.
     """
 
 @_typing.type_check_only
@@ -119,7 +125,10 @@ class AuthPoolAsyncStub(AuthPoolStub):
     WatchEvents: _aio.UnaryStreamMultiCallable[_authpool_pb2.WatchEventsRequest, _authpool_pb2.WatchEventsResponse]  # type: ignore[assignment]
     """WatchEvents streams the event log: every event after `after_sequence`,
     in order, then new events as they happen. A sequence older than the
-    retained log fails with OUT_OF_RANGE (EVENTS_COMPACTED).
+    retained log fails with OUT_OF_RANGE (EVENTS_COMPACTED); one past the
+    newest event (a cursor from before a restore) fails with OUT_OF_RANGE
+    (SEQUENCE_AHEAD); a watcher too slow to keep up is ended with ABORTED
+    (WATCHER_LAGGED) and resumes from the last sequence it received.
     """
 
 class AuthPoolServicer(metaclass=_abc_1.ABCMeta):
@@ -201,7 +210,10 @@ class AuthPoolServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_authpool_pb2.WatchEventsResponse], _abc.AsyncIterator[_authpool_pb2.WatchEventsResponse]]:
         """WatchEvents streams the event log: every event after `after_sequence`,
         in order, then new events as they happen. A sequence older than the
-        retained log fails with OUT_OF_RANGE (EVENTS_COMPACTED).
+        retained log fails with OUT_OF_RANGE (EVENTS_COMPACTED); one past the
+        newest event (a cursor from before a restore) fails with OUT_OF_RANGE
+        (SEQUENCE_AHEAD); a watcher too slow to keep up is ended with ABORTED
+        (WATCHER_LAGGED) and resumes from the last sequence it received.
         """
 
 def add_AuthPoolServicer_to_server(servicer: AuthPoolServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

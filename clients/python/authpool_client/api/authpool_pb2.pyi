@@ -6,9 +6,12 @@ workspaces) from a pool of subscriptions to the internal services that
 need them, keeping every subscription inside its budget and client limit.
 
 Errors are gRPC statuses carrying `google.rpc` details (AIP-193): every
-error has an `ErrorInfo` with a stable UPPER_SNAKE `reason` in the domain
-"authpool.v1"; INVALID_ARGUMENT adds a `BadRequest` naming each offending
-field; RESOURCE_EXHAUSTED adds a `RetryInfo`.
+error raised by AuthPool itself has an `ErrorInfo` with a stable
+UPPER_SNAKE `reason` in the domain "authpool.v1" (INTERNAL for faults);
+INVALID_ARGUMENT adds a `BadRequest` naming each offending field;
+RESOURCE_EXHAUSTED (POOL_EXHAUSTED) adds a `RetryInfo`. Errors raised by
+the gRPC layer before AuthPool sees the call (an oversize message,
+undecodable bytes) carry only the status code.
 """
 
 from collections import abc as _abc
@@ -302,7 +305,8 @@ class AllocateRequest(_message.Message):
     """Optional. The caller's session id, recorded on the lease."""
     subscription_type: _builtins.str
     """Optional. Only subscriptions of this type are considered, e.g.
-    "claude-pro". Empty means any type.
+    "claude-pro"; a type no subscription of the pool has is
+    INVALID_ARGUMENT. Empty means any type.
     """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
@@ -372,7 +376,8 @@ class RenewRequest(_message.Message):
     """Required. The newest fencing token the caller has seen for this lease.
     The server accepts any token from the newest one it has handed to the
     caller up to the lease's current one; an older token is stale (ABORTED),
-    because the caller has since been told of a newer one.
+    because the caller has since been told of a newer one. A token the lease
+    never had is INVALID_ARGUMENT.
     """
     def __init__(
         self,
