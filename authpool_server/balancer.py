@@ -190,8 +190,6 @@ def _of_type(wanted_type: str) -> str:
 
 def _can_keep(lease: Lease, loads: Sequence[SubscriptionLoad], pool: PoolSpec) -> str:
     """Why the lease's subscription can no longer serve it, or "" when it can."""
-    if lease.fallback:
-        return ""
     for load in loads:
         if load.spec.id == lease.subscription_id:
             if subscription_status(load, pool.threshold_ppm) is SubscriptionStatus.EXHAUSTED:
@@ -210,6 +208,14 @@ def decide_allocation(
     """Decide an Allocate for a client holding `current` (its live lease, or None)."""
     if current is None:
         return _elsewhere(loads, pool, wanted_type, now, moving_from="", why="new client")
+    if current.fallback:
+        # Fallback is pay-as-you-go: come back to the pool as soon as it has room.
+        best = _best_subscription(loads, pool, current.wanted_type)
+        if best is None:
+            return Placement(DecisionKind.STICKY, current.subscription_id, "the pool is still spent or full")
+        return Placement(
+            DecisionKind.FAILOVER, best.spec.id, f"the pool has room again; back from the fallback to {best.spec.id}"
+        )
     why = _can_keep(current, loads, pool)
     if not why:
         return Placement(DecisionKind.STICKY, current.subscription_id, "the client's live lease")
@@ -248,7 +254,12 @@ def plan_rebalance(
     idle: dict[str, list[Lease]] = {}
     for lease in leases:
         # A lease on a subscription no longer in the pool is failover's business.
-        if not lease.fallback and lease.subscription_id in in_pool and now - lease.last_used_at >= policy.idle_seconds:
+        if (
+            not lease.fallback
+            and lease.subscription_id in in_pool
+            and lease.expires_at > now
+            and now - lease.last_used_at >= policy.idle_seconds
+        ):
             idle.setdefault(lease.subscription_id, []).append(lease)
     for candidates in idle.values():
         candidates.sort(key=lambda lease: (lease.last_used_at, lease.lease_id))  # longest idle first

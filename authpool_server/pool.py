@@ -172,7 +172,8 @@ class Pool:
 
     async def start(self, *, background: bool = True) -> None:
         """Open the store, rebuild state from it and start committing."""
-        self._rebuild(await self._store.open())
+        snapshot = await self._store.open()
+        self._rebuild(snapshot, await self._last_change_at(snapshot))
         self._committer.start()
         if background:
             self._reaper = asyncio.create_task(self._reap_forever(), name="authpool-reaper")
@@ -192,8 +193,18 @@ class Pool:
     def ready(self) -> bool:
         return self._healthy
 
-    def _rebuild(self, snapshot: Snapshot) -> None:
-        now = self._clock()
+    async def _last_change_at(self, snapshot: Snapshot) -> float | None:
+        """When the newest durable event happened: the statuses it records hold as of then."""
+        if not snapshot.last_sequence:
+            return None
+        newest = await self._store.events_after(snapshot.last_sequence - 1, 1)
+        return newest[0].at if newest else None
+
+    def _rebuild(self, snapshot: Snapshot, as_of: float | None) -> None:
+        # State is rebuilt as of the last recorded change, not now: a window
+        # that ended while the server was down then rolls on the next call,
+        # which records its status changes like any other.
+        now = self._clock() if as_of is None else min(as_of, self._clock())
         self._leases = {lease.lease_id: lease for lease in snapshot.live_leases}
         self._lease_of_client = {lease.client_id: lease.lease_id for lease in snapshot.live_leases}
         self._ended = {ended.lease.lease_id: ended for ended in snapshot.ended_leases}
@@ -216,7 +227,8 @@ class Pool:
         self._unsettled.clear()
         while True:
             try:
-                self._rebuild(await self._store.load())
+                snapshot = await self._store.load()
+                self._rebuild(snapshot, await self._last_change_at(snapshot))
             except Exception:
                 log.exception("reloading state from the store failed; retrying in 1s")
                 await asyncio.sleep(1.0)
@@ -495,7 +507,7 @@ class Pool:
         return lease
 
     def _check_token(self, lease: Lease, token: int) -> None:
-        if token > lease.fencing_token:
+        if lease.subscription_at(token) is None:
             raise InvalidArgument([("fencing_token", f"{token} was never a token of lease {lease.lease_id!r}")])
         if token < lease.acked_token:
             raise StaleFencingToken(lease.lease_id, token, lease.acked_token, lease.fencing_token)
@@ -676,7 +688,8 @@ class Pool:
         return len(expired)
 
     def _prune(self, now: float, batch: WriteBatch) -> None:
-        usage_before = now - self.spec.usage_retention_seconds
+        # Never prune the current window: its spend is what budgets are checked against.
+        usage_before = min(now - self.spec.usage_retention_seconds, self._window[0])
         while self._usage_log and self._usage_log[0].at < usage_before:
             record = self._usage_log.popleft()
             self._request_ids.pop(record.request_id, None)
