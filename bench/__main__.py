@@ -1,0 +1,567 @@
+"""`python -m bench` (`make bench`): run the server, drive it, report against the baseline.
+
+One run on one machine: start `bench.server` (the real Server with its
+durable SQLite store) in a fresh data directory under ``var/bench``, wait for
+health SERVING, then run the scenarios, each from its own `bench.load`
+process(es): the noop baseline first, then `rounds` times allocate,
+lifecycle, noop. Interleaving the rounds lets every scenario see the same
+share of whatever else the (shared, noisy) machine is doing, and the
+baseline that the ratios divide by is pooled over all its runs. Each
+scenario's figures pool its runs; each run's throughput is recorded too.
+
+Prints a markdown table and the targets (PASS or MISSED), and writes every
+figure to ``var/bench/latest.json``. The exit code is 0 whether or not the
+targets are met; it is non-zero only when the benchmark itself failed.
+
+Settings come from flags, or from the environment for `make bench`:
+BENCH_DURATION (measured seconds per run, default 5), BENCH_WARMUP (default
+1.5), BENCH_ROUNDS (default 2), BENCH_CONCURRENCY (default 16),
+BENCH_CLIENTS (load processes sharing the concurrency, default 1),
+BENCH_SCENARIOS (an explicit comma-separated schedule instead of the rounds),
+BENCH_OUT (default var/bench/latest.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.load import SCENARIOS
+from bench.stats import summarize
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = ROOT / "var" / "bench" / "latest.json"
+LIFECYCLE_RPCS = 5  # Allocate, ReportUsage x3, Release
+_SERVER_START_TIMEOUT = 30.0
+_LOAD_READY_TIMEOUT = 30.0
+_DRIFT_WARNING = 0.15
+_NOISE_WARNING_CORES = 0.25
+
+# (name, figure, comparison, bound, figure the bound is a multiple of)
+TARGETS: tuple[tuple[str, str, str, float, str | None], ...] = (
+    ("allocate_ratio >= 0.7", "allocate_ratio", ">=", 0.7, None),
+    ("allocate_p99_ms <= 2 x noop_p99_ms", "allocate_p99_ms", "<=", 2.0, "noop_p99_ms"),
+    ("lifecycle_rps >= 1000", "lifecycle_rps", ">=", 1000.0, None),
+)
+
+
+# -- settings -----------------------------------------------------------------------
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name, "").strip() or default
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--duration", type=float, default=float(_env("BENCH_DURATION", "5")))
+    parser.add_argument("--warmup", type=float, default=float(_env("BENCH_WARMUP", "1.5")))
+    parser.add_argument("--rounds", type=int, default=int(_env("BENCH_ROUNDS", "2")))
+    parser.add_argument("--concurrency", type=int, default=int(_env("BENCH_CONCURRENCY", "16")))
+    parser.add_argument(
+        "--clients",
+        type=int,
+        default=int(_env("BENCH_CLIENTS", "1")),
+        help="load-generator processes; the concurrency is split among them",
+    )
+    parser.add_argument(
+        "--scenarios",
+        default=_env("BENCH_SCENARIOS", ""),
+        help=f"an explicit comma-separated schedule from {', '.join(SCENARIOS)}, instead of the rounds",
+    )
+    parser.add_argument("--subscriptions", type=int, default=20)
+    parser.add_argument("--sticky-fraction", type=float, default=0.5)
+    parser.add_argument("--out", type=Path, default=Path(_env("BENCH_OUT", str(DEFAULT_OUT))))
+    parser.add_argument("--keep-data", action="store_true", help="keep the server's data directory")
+    args = parser.parse_args(argv)
+    if args.scenarios:
+        args.schedule = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    else:
+        args.schedule = ["noop", *(["allocate", "lifecycle", "noop"] * max(1, args.rounds))]
+    unknown = [s for s in args.schedule if s not in SCENARIOS]
+    if unknown:
+        parser.error(f"unknown scenarios {unknown}; choose from {', '.join(SCENARIOS)}")
+    if not 1 <= args.clients <= args.concurrency:
+        parser.error("need 1 <= --clients <= --concurrency")
+    return args
+
+
+# -- the server process -------------------------------------------------------------
+
+
+@dataclass
+class ServerProcess:
+    process: subprocess.Popen[str]
+    port: int
+    pid: int
+    data_dir: Path
+    stderr_path: Path
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stderr_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.stderr_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def _readline(stream: Any, timeout: float) -> str:
+    """One line from a child's stdout, or "" after `timeout` seconds."""
+    box: list[str] = []
+    reader = threading.Thread(target=lambda: box.append(stream.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    return box[0] if box else ""
+
+
+@contextlib.contextmanager
+def _server(work_dir: Path, subscriptions: int) -> Iterator[ServerProcess]:
+    data_dir = work_dir / "data"
+    stderr_path = work_dir / "server.stderr"
+    with stderr_path.open("w") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "bench.server", "--data-dir", str(data_dir), "--subscriptions", str(subscriptions)],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+        )
+    try:
+        line = _readline(process.stdout, _SERVER_START_TIMEOUT)
+        if not line:
+            raise RuntimeError(f"the server did not start:\n{stderr_path.read_text(errors='replace')[-2000:]}")
+        info = json.loads(line)
+        server = ServerProcess(process, int(info["port"]), int(info["pid"]), data_dir, stderr_path)
+        _wait_serving(server.target)
+        yield server
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def _wait_serving(target: str) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + _SERVER_START_TIMEOUT
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(service="authpool.v1.AuthPool"), timeout=2)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{target} did not become SERVING within {_SERVER_START_TIMEOUT:.0f}s")
+            time.sleep(0.1)
+
+
+# -- one run of a scenario -------------------------------------------------------------
+
+
+def _split(total: int, parts: int) -> list[int]:
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
+def _run_scenario(
+    args: argparse.Namespace, server: ServerProcess, scenario: str, index: int, work_dir: Path
+) -> list[dict[str, Any]]:
+    """Run `scenario` once from `args.clients` load processes started together; their raw results."""
+    processes: list[tuple[subprocess.Popen[str], Path]] = []
+    try:
+        for client, concurrency in enumerate(_split(args.concurrency, args.clients)):
+            out = work_dir / f"{index:02d}-{scenario}-{client}.json"
+            command = [
+                *(sys.executable, "-m", "bench.load", "--target", server.target, "--scenario", scenario),
+                *("--concurrency", str(concurrency), "--warmup", str(args.warmup), "--duration", str(args.duration)),
+                *("--sticky-fraction", str(args.sticky_fraction), "--prefix", f"r{os.getpid()}s{index}c{client}"),
+                *("--server-pid", str(server.pid), "--out", str(out)),
+            ]
+            process = subprocess.Popen(command, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            processes.append((process, out))
+        for process, _ in processes:
+            if _readline(process.stdout, _LOAD_READY_TIMEOUT).strip() != "ready":
+                raise RuntimeError(f"a {scenario} load process did not get ready:\n{server.stderr_tail()}")
+        for process, _ in processes:
+            assert process.stdin is not None
+            process.stdin.write("go\n")
+            process.stdin.flush()
+        for process, _ in processes:
+            if process.wait(timeout=args.warmup + args.duration + 60) != 0:
+                raise RuntimeError(f"a {scenario} load process failed (exit {process.returncode})")
+        if server.process.poll() is not None:
+            raise RuntimeError(f"the server exited during {scenario}:\n{server.stderr_tail()}")
+        return [json.loads(out.read_text()) for _, out in processes]
+    finally:
+        for process, _ in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+
+# -- figures ------------------------------------------------------------------------------
+
+
+def _merge(runs: list[list[dict[str, Any]]], duration: float) -> dict[str, Any]:
+    """One scenario's figures, pooled over its runs and each run's load processes."""
+    series: dict[str, list[int]] = {}
+    errors: Counter[str] = Counter()
+    decisions: Counter[str] = Counter()
+    unexpected: Counter[str] = Counter()
+    client_cpu = server_cpu = busy_cores = 0.0
+    server_known = busy_known = True
+    for run in runs:
+        for result in run:
+            for name, values in result["latencies_us"].items():
+                series.setdefault(name, []).extend(values)
+            errors.update(result["errors"])
+            decisions.update(result["decisions"])
+            unexpected.update(result["unexpected"])
+            client_cpu += result["cpu"]["client_cpu_seconds"]
+        # All load processes of one run watch the same server and machine over the same window.
+        cpu = run[0]["cpu"]
+        server_known = server_known and cpu["server_cpu_seconds"] is not None
+        busy_known = busy_known and cpu["machine_busy_fraction"] is not None
+        server_cpu += cpu["server_cpu_seconds"] or 0.0
+        busy_cores += (cpu["machine_busy_fraction"] or 0.0) * cpu["machine_cpus"] * cpu["wall_seconds"]
+    seconds = duration * len(runs)
+    scenario = runs[0][0]["scenario"]
+    summaries = {name: summarize(values, seconds) for name, values in sorted(series.items())}
+    main = summaries.get(scenario, summarize([], seconds))
+    rpcs = main["count"] * (LIFECYCLE_RPCS if scenario == "lifecycle" else 1)
+    return {
+        **main,
+        "series": summaries,
+        "runs": len(runs),
+        "measured_seconds": seconds,
+        "errors": dict(errors),
+        "decisions": dict(decisions),
+        "unexpected_answers": dict(unexpected),
+        "cpu": {
+            "client_cpu_us_per_rpc": client_cpu / rpcs * 1e6 if rpcs else None,
+            "server_cpu_us_per_rpc": server_cpu / rpcs * 1e6 if rpcs and server_known else None,
+            "client_cores": client_cpu / seconds,
+            "server_cores": server_cpu / seconds if server_known else None,
+            "machine_busy_cores": busy_cores / seconds if busy_known else None,
+            # CPU the machine spent on anything but this benchmark: other users of a shared machine.
+            "other_cores": (busy_cores - client_cpu - server_cpu) / seconds if busy_known and server_known else None,
+        },
+    }
+
+
+def _scenario_figures(runs: list[list[dict[str, Any]]], duration: float) -> dict[str, Any]:
+    pooled = _merge(runs, duration)
+    pooled["per_run"] = []
+    for run in runs:
+        one = _merge([run], duration)
+        pooled["per_run"].append(
+            {key: one[key] for key in ("rps", "p50_ms", "p99_ms")}
+            | {key: one["cpu"][key] for key in ("server_cpu_us_per_rpc", "client_cpu_us_per_rpc", "other_cores")}
+        )
+    return pooled
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if numerator is None or denominator is None or denominator == 0 or math.isnan(numerator + denominator):
+        return None
+    return numerator / denominator
+
+
+def _flat(scenarios: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for name, figures in scenarios.items():
+        flat[f"{name}_rps"] = figures["rps"]
+        flat[f"{name}_p50_ms"] = figures["p50_ms"]
+        flat[f"{name}_p99_ms"] = figures["p99_ms"]
+        flat[f"{name}_server_cpu_us_per_rpc"] = figures["cpu"]["server_cpu_us_per_rpc"]
+    if "lifecycle" in scenarios:
+        flat["lifecycle_rpc_rps"] = scenarios["lifecycle"]["rps"] * LIFECYCLE_RPCS
+    if "noop" in scenarios:
+        noop = scenarios["noop"]
+        if "allocate" in scenarios:
+            flat["allocate_ratio"] = _ratio(flat["allocate_rps"], noop["rps"])
+            flat["allocate_p99_ratio"] = _ratio(flat["allocate_p99_ms"], noop["p99_ms"])
+            # Server CPU of a no-op over that of an Allocate: what allocate_ratio tends to when the
+            # server is CPU-bound, and far steadier than throughput on a shared machine.
+            flat["allocate_cpu_ratio"] = _ratio(
+                noop["cpu"]["server_cpu_us_per_rpc"], scenarios["allocate"]["cpu"]["server_cpu_us_per_rpc"]
+            )
+        if "lifecycle" in scenarios:
+            # Per RPC, like with like: 1.0 would mean each of the five calls costs what a no-op does.
+            flat["lifecycle_ratio"] = _ratio(flat["lifecycle_rpc_rps"], noop["rps"])
+            # What five no-op calls back to back would reach on this stack and machine: a ceiling
+            # that no change to AuthPool's own code can lift the lifecycle above.
+            flat["lifecycle_noop_ceiling_rps"] = noop["rps"] / LIFECYCLE_RPCS
+            flat["lifecycle_p99_ratio"] = _ratio(flat["lifecycle_p99_ms"], noop["p99_ms"])
+    return flat
+
+
+def _targets(flat: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    for name, key, op, bound, multiple_of in TARGETS:
+        value = flat.get(key)
+        limit: float | None = bound
+        if multiple_of is not None:
+            base = flat.get(multiple_of)
+            limit = None if base is None else bound * base
+        met = None
+        if value is not None and limit is not None and not math.isnan(value):
+            met = value >= limit if op == ">=" else value <= limit
+        out.append({"target": name, "figure": key, "value": value, "limit": limit, "met": met})
+    return out
+
+
+def _problems(scenarios: dict[str, dict[str, Any]], flat: dict[str, Any], store: dict[str, int] | None) -> list[str]:
+    problems = []
+    for name, figures in scenarios.items():
+        if figures["errors"]:
+            problems.append(f"{name}: calls failed: {figures['errors']}")
+        if figures["unexpected_answers"]:
+            problems.append(f"{name}: unexpected answers: {figures['unexpected_answers']}")
+        if figures["count"] == 0:
+            problems.append(f"{name}: no call completed in the measured window")
+        rates = [run["rps"] for run in figures["per_run"]]
+        if len(rates) > 1 and min(rates) > 0 and max(rates) / min(rates) - 1 > _DRIFT_WARNING:
+            problems.append(
+                f"{name}: its runs differ by more than {_DRIFT_WARNING:.0%} "
+                f"({', '.join(f'{r:,.0f}' for r in rates)} rps): the machine is noisy, read the ratios with care"
+            )
+    others = [figures["cpu"]["other_cores"] for figures in scenarios.values()]
+    if others and None not in others and max(others) > _NOISE_WARNING_CORES:
+        problems.append(
+            f"other processes used up to {max(others):.2f} cores during the run: the machine was not quiet, so the "
+            "throughput ratios are unreliable (a busy machine slows the CPU-bound noop more than the "
+            "latency-bound scenarios); allocate_cpu_ratio is the steadier guide"
+        )
+    ceiling = flat.get("lifecycle_noop_ceiling_rps")
+    for name, key, _, bound, multiple_of in TARGETS:
+        if key == "lifecycle_rps" and multiple_of is None and ceiling is not None and ceiling < bound:
+            problems.append(
+                f"{name} is above what five no-op calls reach on this stack here ({ceiling:,.0f}/s): "
+                "no change to AuthPool's own code can meet it on this machine"
+            )
+    if store is not None and "lifecycle" in scenarios:
+        reported = scenarios["lifecycle"]["series"].get("lifecycle_report_usage", {}).get("count", 0)
+        if store["usage"] < reported:
+            problems.append(f"only {store['usage']} usage rows on disk for {reported} acknowledged reports")
+    return problems
+
+
+# -- context ---------------------------------------------------------------------------------
+
+
+def _machine() -> dict[str, Any]:
+    import grpc
+    from google.protobuf import __version__ as protobuf_version
+    from google.protobuf.internal import api_implementation
+
+    cpu_model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    return {
+        "nproc": affinity or os.cpu_count(),
+        "cpu_count": os.cpu_count(),
+        "cpu_model": cpu_model,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "python_implementation": platform.python_implementation(),
+        "grpcio": grpc.__version__,
+        "protobuf": protobuf_version,
+        "protobuf_backend": api_implementation.Type(),
+        "loadavg_before": list(os.getloadavg()),
+    }
+
+
+def _git() -> dict[str, Any]:
+    def git(*command: str) -> str:
+        return subprocess.run(["git", *command], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "dirty": None}
+
+
+def _store_counts(data_dir: Path) -> dict[str, int] | None:
+    """Rows the server left on disk after its graceful stop: the writes it acknowledged are there."""
+    path = data_dir / "authpool.sqlite3"
+    if not path.exists():
+        return None
+    connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return {
+            "leases": connection.execute("SELECT COUNT(*) FROM leases").fetchone()[0],
+            "usage": connection.execute("SELECT COUNT(*) FROM usage").fetchone()[0],
+            "events": connection.execute("SELECT COUNT(*) FROM events").fetchone()[0],
+        }
+    finally:
+        connection.close()
+
+
+# -- the report -----------------------------------------------------------------------------
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:,.{digits}f}"
+
+
+def _table(scenarios: dict[str, dict[str, Any]]) -> str:
+    noop = scenarios.get("noop")
+    header = (
+        "| scenario | calls | rps | p50 ms | p99 ms | rps / noop | p99 / noop "
+        "| server CPU µs/RPC | client CPU µs/RPC | other load (cores) |"
+    )
+    rows = [header, "|---|" + "---:|" * (header.count("|") - 2)]
+
+    def row(label: str, figures: dict[str, Any], cpu: dict[str, Any], rpc_factor: int = 1) -> None:
+        ratio = p99_ratio = None
+        if noop is not None:
+            ratio = _ratio(figures["rps"] * rpc_factor, noop["rps"])
+            p99_ratio = _ratio(figures["p99_ms"], noop["p99_ms"])
+        rows.append(
+            f"| {label} | {figures['count']:,} | {_fmt(figures['rps'], 0)} | {_fmt(figures['p50_ms'])} "
+            f"| {_fmt(figures['p99_ms'])} | {_fmt(ratio)} | {_fmt(p99_ratio)} "
+            f"| {_fmt(cpu.get('server_cpu_us_per_rpc'), 0)} | {_fmt(cpu.get('client_cpu_us_per_rpc'), 0)} "
+            f"| {_fmt(cpu.get('other_cores'))} |"
+        )
+
+    labels = {"noop": "noop (baseline)", "allocate": "allocate", "lifecycle": "lifecycle (rps / noop per RPC)"}
+    for name, label in labels.items():
+        if name in scenarios:
+            figures = scenarios[name]
+            row(label, figures, figures["cpu"], LIFECYCLE_RPCS if name == "lifecycle" else 1)
+            for sub, sub_figures in figures["series"].items():
+                if sub != name:
+                    row(f"  {sub.removeprefix(name + '_')}", sub_figures, {})
+    return "\n".join(rows)
+
+
+def _report(result: dict[str, Any]) -> str:
+    scenarios = result["scenarios"]
+    lines = [_table(scenarios), ""]
+    for name, figures in scenarios.items():
+        rates = ", ".join(f"{run['rps']:,.0f}" for run in figures["per_run"])
+        lines.append(f"{name} rps per run, in order: {rates}")
+    if result.get("allocate_cpu_ratio") is not None:
+        lines.append(
+            f"allocate_cpu_ratio {_fmt(result['allocate_cpu_ratio'])}: server CPU per no-op / per Allocate, "
+            "what allocate_ratio tends to while the server is CPU-bound (steadier on a noisy machine)"
+        )
+    lines.append("")
+    for target in result["targets"]:
+        verdict = {True: "PASS", False: "MISSED", None: "NOT MEASURED"}[target["met"]]
+        lines.append(f"{verdict:>12}  {target['target']}: {_fmt(target['value'])} (limit {_fmt(target['limit'])})")
+    lines.extend(f"     WARNING  {problem}" for problem in result["problems"])
+    machine = result["machine"]
+    lines.append(
+        f"\n{machine['nproc']} CPUs ({machine['cpu_model']}), Python {machine['python']}, grpcio {machine['grpcio']}, "
+        f"protobuf {machine['protobuf']} ({machine['protobuf_backend']}); load average "
+        f"{machine['loadavg_before'][0]:.2f} before, {machine['loadavg_after'][0]:.2f} after"
+    )
+    return "\n".join(lines)
+
+
+# -- main -----------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    machine = _machine()
+    started = time.monotonic()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    # On the real disk next to the report, not in a tmpfs, so that fsync costs what it costs.
+    work_dir = Path(tempfile.mkdtemp(prefix="run-", dir=args.out.parent))
+    raw: dict[str, list[list[dict[str, Any]]]] = {}
+    try:
+        with _server(work_dir, args.subscriptions) as server:
+            print(f"server pid {server.pid} on {server.target}; data in {server.data_dir}", file=sys.stderr)
+            for index, scenario in enumerate(args.schedule):
+                print(f"[{index + 1}/{len(args.schedule)}] {scenario} ...", file=sys.stderr, flush=True)
+                raw.setdefault(scenario, []).append(_run_scenario(args, server, scenario, index, work_dir))
+        store = _store_counts(work_dir / "data")
+    finally:
+        if not args.keep_data:
+            shutil.rmtree(work_dir, ignore_errors=True)
+    machine["loadavg_after"] = list(os.getloadavg())
+
+    scenarios = {name: _scenario_figures(raw[name], args.duration) for name in SCENARIOS if name in raw}
+    flat = _flat(scenarios)
+    targets = _targets(flat)
+    return {
+        "generated_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "git": _git(),
+        **flat,
+        "targets": targets,
+        "all_targets_met": all(target["met"] for target in targets),
+        "problems": _problems(scenarios, flat, store),
+        "scenarios": scenarios,
+        "store_rows_after_run": store,
+        "machine": machine,
+        "settings": {
+            "schedule": args.schedule,
+            "concurrency": args.concurrency,
+            "client_processes": args.clients,
+            "warmup_seconds": args.warmup,
+            "duration_seconds": args.duration,
+            "subscriptions": args.subscriptions,
+            "sticky_fraction": args.sticky_fraction,
+            "store": "SQLite WAL, synchronous=FULL, group commit: every acknowledged change is fsynced",
+            "wall_seconds": round(time.monotonic() - started, 1),
+        },
+    }
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(item) for item in value]
+    return value
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse(argv)
+    result = run(args)
+    print(_report(result))
+    args.out.write_text(json.dumps(_json_safe(result), indent=2) + "\n")
+    print(f"\nfigures written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,78 @@
+"""The server under test, as its own process: `python -m bench.server --data-dir DIR`.
+
+Builds a pool large enough that the load never runs out of room or budget
+(every Allocate is NEW or STICKY, never FALLBACK), starts the real `Server`
+with its SQLite store on an ephemeral port, prints one JSON line
+``{"port": ..., "pid": ...}`` once it is SERVING, and shuts down gracefully on
+SIGTERM or SIGINT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from authpool_server.domain import MICROS_PER_UNIT, PoolSpec, RebalancePolicy, SubscriptionSpec
+from authpool_server.server import Server
+
+__all__ = ["bench_spec", "main"]
+
+
+def bench_spec(subscriptions: int, max_clients: int, ttl_seconds: float) -> PoolSpec:
+    """A pool that stays ACTIVE for the whole run: huge budgets, room for every client."""
+    return PoolSpec(
+        subscriptions=tuple(
+            SubscriptionSpec(
+                id=f"bench-sub{i}",
+                email=f"team+bench-sub{i}@company.com",
+                type="claude-pro",
+                credential_ref=f"/creds/.claude-bench-sub{i}",
+                weekly_budget_micros=10**9 * MICROS_PER_UNIT,
+                max_clients=max_clients,
+            )
+            for i in range(1, subscriptions + 1)
+        ),
+        threshold_ppm=850_000,
+        fallback_when_exhausted=True,
+        lease_ttl_seconds=ttl_seconds,
+        # Defaults as shipped: the reaper runs, rebalancing every 300 s (never within a run).
+        rebalancing=RebalancePolicy(),
+    )
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    spec = bench_spec(args.subscriptions, args.max_clients, args.ttl)
+    server = Server(spec, data_dir=Path(args.data_dir), listen=args.listen, grace_seconds=2.0)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await server.start()
+    print(json.dumps({"port": server.port, "pid": os.getpid()}), flush=True)
+    try:
+        await stop.wait()
+    finally:
+        await server.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.server")
+    parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--listen", default="127.0.0.1:0")
+    parser.add_argument("--subscriptions", type=int, default=20)
+    parser.add_argument("--max-clients", type=int, default=100_000)
+    parser.add_argument("--ttl", type=float, default=600.0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    asyncio.run(_serve(args))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
