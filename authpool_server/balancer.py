@@ -24,7 +24,7 @@ guide's target of 70 while the pool has real room left.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 from authpool_server.domain import (
@@ -120,44 +120,57 @@ def subscription_status(load: SubscriptionLoad, threshold_ppm: int) -> Subscript
 
 def health_score(load: SubscriptionLoad, threshold_ppm: int) -> int:
     """Health from 0 to 100; the formula is in the module docstring."""
-    if load.window_usage_micros >= load.spec.weekly_budget_micros:
+    return _health(load, limit_micros(load.spec, threshold_ppm))
+
+
+def _health(load: SubscriptionLoad, limit: int) -> int:
+    spec = load.spec
+    usage = load.window_usage_micros
+    if usage >= spec.weekly_budget_micros:
         return 0
-    limit = max(1, limit_micros(load.spec, threshold_ppm))
-    budget_headroom = 1.0 - min(1.0, load.window_usage_micros / limit)
-    capacity_headroom = 1.0 - min(1.0, load.live_clients / load.spec.max_clients)
+    budget_headroom = 1.0 - min(1.0, usage / max(1, limit))
+    capacity_headroom = 1.0 - min(1.0, load.live_clients / spec.max_clients)
     return round(100 * (_BUDGET_WEIGHT * budget_headroom + _CAPACITY_WEIGHT * capacity_headroom))
 
 
-def _can_take_new_client(load: SubscriptionLoad, threshold_ppm: int, wanted_type: str) -> bool:
-    return (
-        load.live_clients < load.spec.max_clients
-        and (not wanted_type or load.spec.type == wanted_type)
-        and subscription_status(load, threshold_ppm) is SubscriptionStatus.ACTIVE
-    )
-
-
-def _placement_key(load: SubscriptionLoad, threshold_ppm: int) -> tuple[int, int, int, str]:
-    # Most health first, then most budget headroom in money, then the fewest
-    # clients; the id breaks the last tie so the choice is deterministic.
-    headroom = limit_micros(load.spec, threshold_ppm) - load.window_usage_micros
-    return (-health_score(load, threshold_ppm), -headroom, load.live_clients, load.spec.id)
-
-
 def _best_subscription(
-    loads: Sequence[SubscriptionLoad], pool: PoolSpec, wanted_type: str, exclude: str = ""
+    loads: Collection[SubscriptionLoad], pool: PoolSpec, wanted_type: str, exclude: str = ""
 ) -> SubscriptionLoad | None:
-    eligible = [
-        load
-        for load in loads
-        if load.spec.id != exclude and _can_take_new_client(load, pool.threshold_ppm, wanted_type)
-    ]
-    if not eligible:
-        return None
-    return min(eligible, key=lambda load: _placement_key(load, pool.threshold_ppm))
+    """The active subscription with room that a new client should go to, if any.
+
+    Most health first, then the most budget headroom in money, then the fewest
+    clients; the id breaks the last tie, so the choice is deterministic. One
+    pass, no allocation: this runs on every new Allocate.
+    """
+    threshold = pool.threshold_ppm
+    best: SubscriptionLoad | None = None
+    best_key: tuple[int, int, int, str] | None = None
+    for load in loads:
+        spec = load.spec
+        if spec.id == exclude or load.live_clients >= spec.max_clients:
+            continue
+        if wanted_type and spec.type != wanted_type:
+            continue
+        limit = spec.weekly_budget_micros * threshold // PPM
+        headroom = limit - load.window_usage_micros
+        if headroom <= 0:  # limited or exhausted: no new clients
+            continue
+        # _health(load, limit), inlined: this loop is the hot path of a new Allocate.
+        health = round(
+            100
+            * (
+                _BUDGET_WEIGHT * (headroom / max(1, limit))
+                + _CAPACITY_WEIGHT * (1.0 - load.live_clients / spec.max_clients)
+            )
+        )
+        key = (-health, -headroom, load.live_clients, spec.id)
+        if best_key is None or key < best_key:
+            best, best_key = load, key
+    return best
 
 
 def _elsewhere(
-    loads: Sequence[SubscriptionLoad],
+    loads: Collection[SubscriptionLoad],
     pool: PoolSpec,
     wanted_type: str,
     now: float,
@@ -188,7 +201,7 @@ def _of_type(wanted_type: str) -> str:
     return f" of type {wanted_type!r}" if wanted_type else ""
 
 
-def _can_keep(lease: Lease, loads: Sequence[SubscriptionLoad], pool: PoolSpec) -> str:
+def _can_keep(lease: Lease, loads: Collection[SubscriptionLoad], pool: PoolSpec) -> str:
     """Why the lease's subscription can no longer serve it, or "" when it can."""
     for load in loads:
         if load.spec.id == lease.subscription_id:
@@ -199,7 +212,7 @@ def _can_keep(lease: Lease, loads: Sequence[SubscriptionLoad], pool: PoolSpec) -
 
 
 def decide_allocation(
-    loads: Sequence[SubscriptionLoad],
+    loads: Collection[SubscriptionLoad],
     pool: PoolSpec,
     current: Lease | None,
     wanted_type: str,
@@ -222,13 +235,15 @@ def decide_allocation(
     return _elsewhere(loads, pool, current.wanted_type, now, moving_from=current.subscription_id, why=why)
 
 
-def decide_renewal(loads: Sequence[SubscriptionLoad], pool: PoolSpec, lease: Lease, now: float) -> Placement | Refusal:
+def decide_renewal(
+    loads: Collection[SubscriptionLoad], pool: PoolSpec, lease: Lease, now: float
+) -> Placement | Refusal:
     """Decide whether a renewed lease stays (STICKY) or must move."""
     return decide_allocation(loads, pool, lease, lease.wanted_type, now)
 
 
 def plan_rebalance(
-    loads: Sequence[SubscriptionLoad],
+    loads: Collection[SubscriptionLoad],
     leases: Iterable[Lease],
     pool: PoolSpec,
     now: float,

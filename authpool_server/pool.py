@@ -21,7 +21,7 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from typing import TypeVar
 
@@ -130,6 +130,15 @@ def _usage_key(request_id: str) -> str:
     return f"usage:{request_id}"
 
 
+def _written_keys(batch: WriteBatch) -> Iterator[str]:
+    for lease in batch.leases:
+        yield lease.lease_id
+    for ended in batch.ended:
+        yield ended.lease.lease_id
+    for record in batch.usage:
+        yield _usage_key(record.request_id)
+
+
 _Result = TypeVar("_Result")
 
 
@@ -149,12 +158,13 @@ class Pool:
         self._clock = clock
         self._new_id = new_id
         self.events = EventHub(store)
-        self._committer = Committer(store, on_durable=self.events.publish, on_failure=self._reload)
+        self._committer = Committer(store, on_durable=self._durable, on_failure=self._reload)
         self._leases: dict[str, Lease] = {}
         self._lease_of_client: dict[str, str] = {}
         self._ended: dict[str, EndedLease] = {}
-        self._live: dict[str, int] = {}
-        self._window_usage: dict[str, int] = {}
+        # Each subscription's live clients and spend in its window, kept current
+        # as they change so a decision never rebuilds them (Allocate is the hot path).
+        self._loads: dict[str, SubscriptionLoad] = {}
         self._statuses: dict[str, SubscriptionStatus] = {}
         self._window = (0.0, 0.0)
         self._usage_log: deque[UsageRecord] = deque()  # in time order, for pruning
@@ -162,8 +172,9 @@ class Pool:
         self._fallback_usage = 0
         self._sequence = 0
         self._token = 0
-        # Writes not yet durable, by lease id or "usage:<request id>".
-        self._unsettled: dict[str, asyncio.Future[None]] = {}
+        # Writes not yet durable, by lease id or "usage:<request id>": the
+        # committer ticket of the newest batch that wrote each.
+        self._unsettled: dict[str, int] = {}
         self._healthy = False
         self._last_prune = 0.0
         self._reaper: asyncio.Task[None] | None = None
@@ -208,17 +219,18 @@ class Pool:
         self._leases = {lease.lease_id: lease for lease in snapshot.live_leases}
         self._lease_of_client = {lease.client_id: lease.lease_id for lease in snapshot.live_leases}
         self._ended = {ended.lease.lease_id: ended for ended in snapshot.ended_leases}
-        self._live = {spec.id: 0 for spec in self.spec.subscriptions}
+        live = dict.fromkeys((spec.id for spec in self.spec.subscriptions), 0)
         for lease in snapshot.live_leases:
-            if not lease.fallback:
-                self._live[lease.subscription_id] = self._live.get(lease.subscription_id, 0) + 1
+            if not lease.fallback and lease.subscription_id in live:
+                live[lease.subscription_id] += 1
         self._usage_log = deque(sorted(snapshot.usage, key=lambda record: record.at))
         self._request_ids = {record.request_id: record.subscription_id for record in snapshot.usage}
         self._sequence = snapshot.last_sequence
         self._token = snapshot.fencing_token
         self.events.last_sequence = snapshot.last_sequence
+        self._loads = {spec.id: SubscriptionLoad(spec, live[spec.id], 0) for spec in self.spec.subscriptions}
         self._recount_window(now)
-        self._statuses = {load.spec.id: self._status(load) for load in self._loads()}
+        self._statuses = {load.spec.id: self._status(load) for load in self._loads.values()}
 
     async def _reload(self) -> None:
         # A failed write leaves memory ahead of the disk: refuse calls until
@@ -239,7 +251,8 @@ class Pool:
 
     def _recount_window(self, now: float) -> None:
         self._window = balancer.window_bounds(now)
-        self._window_usage = self._usage_since(self._window[0])
+        spent = self._usage_since(self._window[0])
+        self._loads = {sid: replace(load, window_usage_micros=spent[sid]) for sid, load in self._loads.items()}
         self._fallback_usage = sum(record.cost_micros for record in self._usage_log if record.fallback)
 
     def _usage_since(self, start: float) -> dict[str, int]:
@@ -256,17 +269,12 @@ class Pool:
         if not self._healthy:
             raise StoreUnavailable("the pool is not ready: its store is loading or failed")
 
-    def _loads(self) -> list[SubscriptionLoad]:
-        return [
-            SubscriptionLoad(spec, self._live.get(spec.id, 0), self._window_usage.get(spec.id, 0))
-            for spec in self.spec.subscriptions
-        ]
-
-    def _load(self, subscription_id: str) -> SubscriptionLoad | None:
-        spec = self.spec.subscription(subscription_id)
-        if spec is None:
-            return None
-        return SubscriptionLoad(spec, self._live.get(spec.id, 0), self._window_usage.get(spec.id, 0))
+    def _add_load(self, subscription_id: str, *, clients: int = 0, spend: int = 0) -> None:
+        load = self._loads.get(subscription_id)
+        if load is not None:  # a lease may outlive its subscription's removal from the config
+            self._loads[subscription_id] = SubscriptionLoad(
+                load.spec, load.live_clients + clients, load.window_usage_micros + spend
+            )
 
     def _status(self, load: SubscriptionLoad) -> SubscriptionStatus:
         return balancer.subscription_status(load, self.spec.threshold_ppm)
@@ -284,7 +292,7 @@ class Pool:
         return self._token
 
     def _note_status(self, subscription_id: str, batch: WriteBatch, now: float) -> None:
-        load = self._load(subscription_id)
+        load = self._loads.get(subscription_id)
         if load is None:
             return
         new = self._status(load)
@@ -322,8 +330,8 @@ class Pool:
         del self._leases[lease.lease_id]
         if self._lease_of_client.get(lease.client_id) == lease.lease_id:
             del self._lease_of_client[lease.client_id]
-        if not lease.fallback and lease.subscription_id in self._live:
-            self._live[lease.subscription_id] -= 1
+        if not lease.fallback:
+            self._add_load(lease.subscription_id, clients=-1)
         ended = EndedLease(lease, now)
         self._ended[lease.lease_id] = ended
         batch.ended.append(ended)
@@ -340,10 +348,10 @@ class Pool:
     def _place(self, lease: Lease, placement: Placement, now: float, batch: WriteBatch) -> Lease:
         """Move an existing lease to the placement's subscription."""
         fallback = placement.kind is DecisionKind.FALLBACK
-        if not lease.fallback and lease.subscription_id in self._live:
-            self._live[lease.subscription_id] -= 1
+        if not lease.fallback:
+            self._add_load(lease.subscription_id, clients=-1)
         if not fallback:
-            self._live[placement.subscription_id] += 1
+            self._add_load(placement.subscription_id, clients=1)
         moved = replace(
             lease,
             subscription_id=placement.subscription_id,
@@ -369,25 +377,23 @@ class Pool:
         if not (batch.leases or batch.ended or batch.usage or batch.events or batch.prune):
             return None
         future = self._committer.submit(batch)
-        keys = (
-            *(lease.lease_id for lease in batch.leases),
-            *(ended.lease.lease_id for ended in batch.ended),
-            *(_usage_key(record.request_id) for record in batch.usage),
-        )
-        for key in keys:
-            self._unsettled[key] = future
-        future.add_done_callback(lambda done: self._settle(keys, done))
+        ticket = self._committer.submitted
+        for key in _written_keys(batch):
+            self._unsettled[key] = ticket
         return future
 
-    def _settle(self, keys: Iterable[str], future: asyncio.Future[None]) -> None:
-        for key in keys:
-            if self._unsettled.get(key) is future:
+    def _durable(self, batch: WriteBatch, ticket: int) -> None:
+        """Called by the committer once `batch` (up to `ticket`) is on disk."""
+        for key in _written_keys(batch):
+            if self._unsettled.get(key, ticket + 1) <= ticket:
                 del self._unsettled[key]
+        self.events.publish(batch.events)
 
     async def _settled(self, key: str) -> None:
-        future = self._unsettled.get(key)
-        if future is not None:
-            await asyncio.shield(future)
+        """Return once the newest write of `key` (a lease or a usage report) is durable."""
+        ticket = self._unsettled.get(key)
+        if ticket is not None:
+            await self._committer.wait_durable(ticket)
 
     async def _apply(self, decide: Callable[[float, WriteBatch], _Result]) -> _Result:
         """Take one decision and answer once what it changed is durable.
@@ -408,11 +414,11 @@ class Pool:
         except BaseException:
             future = self._submit(batch)
             if future is not None:
-                await asyncio.shield(future)
+                await future
             raise
         future = self._submit(batch)
         if future is not None:
-            await asyncio.shield(future)
+            await future
         return result
 
     # -- operations ----------------------------------------------------------
@@ -447,7 +453,7 @@ class Pool:
             raise InvalidArgument([("subscription_type", f"the pool has no subscription of type {wanted_type!r}")])
         lease_id = self._lease_of_client.get(client_id)
         current = self._live_lease(lease_id, now, batch) if lease_id else None
-        decision = balancer.decide_allocation(self._loads(), self.spec, current, wanted_type, now)
+        decision = balancer.decide_allocation(self._loads.values(), self.spec, current, wanted_type, now)
         if isinstance(decision, Refusal):
             raise PoolExhausted(decision.reason, decision.retry_after_seconds)
         if current is not None and decision.kind is DecisionKind.STICKY:
@@ -493,7 +499,7 @@ class Pool:
         self._store_lease(lease, batch)
         self._lease_of_client[client_id] = lease.lease_id
         if not lease.fallback:
-            self._live[lease.subscription_id] += 1
+            self._add_load(lease.subscription_id, clients=1)
         self._event(
             batch,
             now,
@@ -521,7 +527,7 @@ class Pool:
         if lease is None:
             raise LeaseNotFound(lease_id)
         self._check_token(lease, fencing_token)
-        decision = balancer.decide_renewal(self._loads(), self.spec, lease, now)
+        decision = balancer.decide_renewal(self._loads.values(), self.spec, lease, now)
         if isinstance(decision, Refusal):
             raise PoolExhausted(decision.reason, decision.retry_after_seconds)
         if decision.kind is not DecisionKind.STICKY:
@@ -590,8 +596,8 @@ class Pool:
         batch.usage.append(record)
         if fallback:
             self._fallback_usage += record.cost_micros
-        elif subscription_id in self._window_usage:
-            self._window_usage[subscription_id] += record.cost_micros
+        else:
+            self._add_load(subscription_id, spend=record.cost_micros)
         if lease.lease_id in self._leases:
             self._store_lease(replace(lease, last_used_at=now), batch)
         self._event(
@@ -620,7 +626,7 @@ class Pool:
         return await self._apply(lambda now, batch: self._rebalance(dry_run, now, batch))
 
     def _rebalance(self, dry_run: bool, now: float, batch: WriteBatch) -> RebalanceOutcome:
-        plan = balancer.plan_rebalance(self._loads(), self._leases.values(), self.spec, now)
+        plan = balancer.plan_rebalance(list(self._loads.values()), self._leases.values(), self.spec, now)
         if dry_run:
             return RebalanceOutcome(tuple((move, 0) for move in plan.moves), plan.reason, dry_run=True)
         moved: list[tuple[PlannedMove, int]] = []
@@ -640,7 +646,7 @@ class Pool:
         """The pool's state now (decisions in flight included)."""
         now = self._clock()
         window_start, window_end = self._window
-        loads = self._loads()
+        loads = list(self._loads.values())
         if now >= window_end:
             # The window ended since the last change; the next change (or the
             # reaper, within seconds) rolls it. Until then, read the new window.
@@ -721,6 +727,10 @@ class Pool:
                 log.exception("background work failed; it runs again in %.1fs", interval)
 
     # -- introspection -------------------------------------------------------
+
+    def subscription_spec(self, subscription_id: str) -> SubscriptionSpec | None:
+        load = self._loads.get(subscription_id)
+        return None if load is None else load.spec
 
     @property
     def commit_queue_depth(self) -> int:

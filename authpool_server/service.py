@@ -107,7 +107,7 @@ class AuthPoolService(authpool_pb2_grpc.AuthPoolServicer):
             subscription_type = self._spec.fallback.type
             credential_ref = self._spec.fallback.credential_ref
         else:
-            spec = self._spec.subscription(lease.subscription_id)
+            spec = self._pool.subscription_spec(lease.subscription_id)
             subscription_type = spec.type if spec else ""
             credential_ref = spec.credential_ref if spec else ""
         return pb.Lease(

@@ -148,6 +148,15 @@ def _event_from_row(sequence: int, at: float, payload: str) -> Event:
     )
 
 
+def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
+
+
 class SQLiteStore:
     """The embedded store. `path` is the database file; its folder is created."""
 
@@ -223,8 +232,23 @@ class SQLiteStore:
         row = self._writer.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return None if row is None else row[0]
 
-    async def write(self, batch: WriteBatch) -> None:
-        await self._on_writer(self._write, batch)
+    def write(self, batch: WriteBatch) -> asyncio.Future[None]:
+        # Resolved straight from the writer thread with one call_soon_threadsafe,
+        # rather than through run_in_executor's wrapped future: one event-loop
+        # pass less between a durable commit and the answers waiting for it.
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+
+        def write_and_report() -> None:
+            try:
+                self._write(batch)
+            except BaseException as error:  # handed to the awaiting committer
+                loop.call_soon_threadsafe(_settle, done, error)
+            else:
+                loop.call_soon_threadsafe(_settle, done, None)
+
+        self._writer_thread.submit(write_and_report)
+        return done
 
     def _write(self, batch: WriteBatch) -> None:
         conn = self._writer
