@@ -1,25 +1,42 @@
 """The allocation policy, as pure functions.
 
 Every decision the pool takes is made here: where a client goes, whether a
-lease can stay where it is, what a subscription's status and health are, and
-what a rebalance moves. The functions take plain values (loads, leases, the
-pool's spec and `now`) and return plain values. They do no I/O and never
-read the clock, so the same inputs always give the same decision (design
-invariant 6), and tests and the simulator can drive them directly.
+lease can stay where it is, what a subscription's status, forecast and health
+are, and what a rebalance moves. The functions take plain values (loads,
+leases, the pool's spec and `now`) and return plain values. They do no I/O
+and never read the clock, so the same inputs always give the same decision
+(design invariant 6), and tests and the simulator can drive them directly.
+
+Status machine
+--------------
+``DISABLED`` (after ``auth_failure_limit`` auth failures in a row, until an
+operator resumes it) and ``DRAINING`` (an operator rotating its credential)
+come first; otherwise ``EXHAUSTED`` at 100% of the weekly budget, ``LIMITED``
+at the threshold or for ``cooldown_seconds`` after a rate-limited report, and
+``ACTIVE`` below. Only ACTIVE subscriptions take new clients; EXHAUSTED and
+DISABLED ones lose theirs at once, DRAINING ones as each client goes idle.
+
+Forecast
+--------
+The spend rate is the spend of the last ``forecast_horizon_seconds`` (or of
+the window so far, if shorter) per second; the projected end-of-window spend
+is today's spend plus that rate until the window ends.
 
 Health score
 ------------
-A subscription's health runs from 0 to 100::
+From 0 to 100::
 
-    budget_headroom   = 1 - min(1, window_usage / (threshold x weekly_budget))
-    capacity_headroom = 1 - min(1, live_clients / max_clients)
-    health            = round(100 x (0.6 x budget_headroom + 0.4 x capacity_headroom))
+    budget      = 1 - min(1, spend / limit)              limit = threshold x weekly budget
+    projected   = 1 - min(1, projected_spend / limit)
+    capacity    = 1 - min(1, live_clients / max_clients)
+    reliability = 1 - recent error rate                  rate-limit, auth and server errors
+    health      = round(100 x (0.35 budget + 0.20 projected + 0.30 capacity + 0.15 reliability))
 
-and is 0 once the subscription is exhausted. A fresh, idle subscription
-scores 100; one that has spent half of what it may spend before it is limited
-and is half full scores 50, the guide's alert line; a limited subscription
-scores at most 40. The average over the pool therefore stays above the
-guide's target of 70 while the pool has real room left.
+halved while cooling down, and 0 when exhausted or disabled. A fresh, idle
+subscription scores 100; half its spendable budget used, on course to the
+limit, half full and error-free scores 48, just under the guide's alert line
+of 50; a pool whose subscriptions are a quarter used scores about 75, above
+its target of 70.
 """
 
 from __future__ import annotations
@@ -39,18 +56,23 @@ from authpool_server.domain import (
 WEEK_SECONDS = 7 * 86_400
 # 1970-01-01 was a Thursday; the first Monday 00:00 UTC was four days later.
 _FIRST_MONDAY = 4 * 86_400
-_BUDGET_WEIGHT = 0.6
-_CAPACITY_WEIGHT = 0.4
+_BUDGET_WEIGHT = 0.35
+_PROJECTED_WEIGHT = 0.20
+_CAPACITY_WEIGHT = 0.30
+_RELIABILITY_WEIGHT = 0.15
 
 __all__ = [
     "WEEK_SECONDS",
+    "Forecast",
     "Placement",
     "PlannedMove",
     "RebalancePlan",
     "Refusal",
     "SubscriptionLoad",
+    "cooling_down",
     "decide_allocation",
     "decide_renewal",
+    "forecast",
     "health_score",
     "plan_rebalance",
     "subscription_status",
@@ -60,11 +82,30 @@ __all__ = [
 
 @dataclass(frozen=True, slots=True)
 class SubscriptionLoad:
-    """A subscription's spec with what it carries right now."""
+    """A subscription's spec with what it carries and how it has been doing."""
 
     spec: SubscriptionSpec
     live_clients: int
     window_usage_micros: int
+    window_start: float = 0.0
+    window_end: float = 0.0
+    # Spend within the forecast horizon (or the window so far, if shorter).
+    recent_spend_micros: int = 0
+    # Requests and failed ones (rate-limited, auth, server errors) in the error window.
+    recent_requests: int = 0
+    recent_errors: int = 0
+    # When the provider last refused it for its rate limits; 0 if never.
+    rate_limited_at: float = 0.0
+    disabled: bool = False
+    draining: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Forecast:
+    spend_rate_micros_per_hour: int
+    projected_window_spend_micros: int
+    # Seconds until the spend reaches the threshold at this rate; None if it never does.
+    seconds_to_threshold: float | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,61 +150,79 @@ def limit_micros(spec: SubscriptionSpec, threshold_ppm: int) -> int:
     return spec.weekly_budget_micros * threshold_ppm // PPM
 
 
-def subscription_status(load: SubscriptionLoad, threshold_ppm: int) -> SubscriptionStatus:
+def cooling_down(load: SubscriptionLoad, pool: PoolSpec, now: float) -> bool:
+    return load.rate_limited_at > 0 and now < load.rate_limited_at + pool.cooldown_seconds
+
+
+def subscription_status(load: SubscriptionLoad, pool: PoolSpec, now: float) -> SubscriptionStatus:
+    """Where the subscription stands; see "Status machine" in the module docstring."""
+    if load.disabled:
+        return SubscriptionStatus.DISABLED
+    if load.draining:
+        return SubscriptionStatus.DRAINING
     usage = load.window_usage_micros
     if usage >= load.spec.weekly_budget_micros:
         return SubscriptionStatus.EXHAUSTED
-    if usage >= limit_micros(load.spec, threshold_ppm):
+    if usage >= limit_micros(load.spec, pool.threshold_ppm) or cooling_down(load, pool, now):
         return SubscriptionStatus.LIMITED
     return SubscriptionStatus.ACTIVE
 
 
-def health_score(load: SubscriptionLoad, threshold_ppm: int) -> int:
+def forecast(load: SubscriptionLoad, pool: PoolSpec, now: float) -> Forecast:
+    """Spend rate and where it leads by the window's end; see "Forecast" above."""
+    observed = min(pool.forecast_horizon_seconds, max(0.0, now - load.window_start))
+    rate = load.recent_spend_micros / observed if observed >= 60 else 0.0  # per second
+    remaining = max(0.0, load.window_end - now)
+    projected = load.window_usage_micros + round(rate * remaining)
+    to_limit = limit_micros(load.spec, pool.threshold_ppm) - load.window_usage_micros
+    if to_limit <= 0:
+        seconds_to_threshold: float | None = 0.0
+    else:
+        seconds_to_threshold = to_limit / rate if rate > 0 else None
+    return Forecast(round(rate * 3600), projected, seconds_to_threshold)
+
+
+def health_score(load: SubscriptionLoad, pool: PoolSpec, now: float) -> int:
     """Health from 0 to 100; the formula is in the module docstring."""
-    return _health(load, limit_micros(load.spec, threshold_ppm))
-
-
-def _health(load: SubscriptionLoad, limit: int) -> int:
-    spec = load.spec
-    usage = load.window_usage_micros
-    if usage >= spec.weekly_budget_micros:
+    if load.disabled or load.window_usage_micros >= load.spec.weekly_budget_micros:
         return 0
-    budget_headroom = 1.0 - min(1.0, usage / max(1, limit))
-    capacity_headroom = 1.0 - min(1.0, load.live_clients / spec.max_clients)
-    return round(100 * (_BUDGET_WEIGHT * budget_headroom + _CAPACITY_WEIGHT * capacity_headroom))
+    limit = max(1, limit_micros(load.spec, pool.threshold_ppm))
+    projected = forecast(load, pool, now).projected_window_spend_micros
+    error_rate = load.recent_errors / load.recent_requests if load.recent_requests else 0.0
+    score = 100 * (
+        _BUDGET_WEIGHT * (1.0 - min(1.0, load.window_usage_micros / limit))
+        + _PROJECTED_WEIGHT * (1.0 - min(1.0, projected / limit))
+        + _CAPACITY_WEIGHT * (1.0 - min(1.0, load.live_clients / load.spec.max_clients))
+        + _RELIABILITY_WEIGHT * (1.0 - error_rate)
+    )
+    if cooling_down(load, pool, now):
+        score /= 2
+    return round(score)
 
 
 def _best_subscription(
-    loads: Collection[SubscriptionLoad], pool: PoolSpec, wanted_type: str, exclude: str = ""
+    loads: Collection[SubscriptionLoad], pool: PoolSpec, wanted_type: str, now: float, exclude: str = ""
 ) -> SubscriptionLoad | None:
     """The active subscription with room that a new client should go to, if any.
 
-    Most health first, then the most budget headroom in money, then the fewest
-    clients; the id breaks the last tie, so the choice is deterministic. One
-    pass, no allocation: this runs on every new Allocate.
+    The one with the most projected headroom (what it may still spend before
+    its limit, less what its current rate will spend by the window's end), so
+    subscriptions reach the end of the window evenly; then the fewest clients;
+    the id breaks the last tie, so the choice is deterministic. One pass: this
+    runs on every new Allocate.
     """
-    threshold = pool.threshold_ppm
     best: SubscriptionLoad | None = None
-    best_key: tuple[int, int, int, str] | None = None
+    best_key: tuple[int, int, str] | None = None
     for load in loads:
         spec = load.spec
         if spec.id == exclude or load.live_clients >= spec.max_clients:
             continue
         if wanted_type and spec.type != wanted_type:
             continue
-        limit = spec.weekly_budget_micros * threshold // PPM
-        headroom = limit - load.window_usage_micros
-        if headroom <= 0:  # limited or exhausted: no new clients
+        if subscription_status(load, pool, now) is not SubscriptionStatus.ACTIVE:
             continue
-        # _health(load, limit), inlined: this loop is the hot path of a new Allocate.
-        health = round(
-            100
-            * (
-                _BUDGET_WEIGHT * (headroom / max(1, limit))
-                + _CAPACITY_WEIGHT * (1.0 - load.live_clients / spec.max_clients)
-            )
-        )
-        key = (-health, -headroom, load.live_clients, spec.id)
+        headroom = limit_micros(spec, pool.threshold_ppm) - forecast(load, pool, now).projected_window_spend_micros
+        key = (-headroom, load.live_clients, spec.id)
         if best_key is None or key < best_key:
             best, best_key = load, key
     return best
@@ -179,20 +238,21 @@ def _elsewhere(
     why: str,
 ) -> Placement | Refusal:
     """Place a client that needs a (new) subscription: the pool, else the fallback."""
-    best = _best_subscription(loads, pool, wanted_type, exclude=moving_from)
+    best = _best_subscription(loads, pool, wanted_type, now, exclude=moving_from)
     if best is not None:
         kind = DecisionKind.FAILOVER if moving_from else DecisionKind.NEW
-        return Placement(kind, best.spec.id, f"{why}; placed on {best.spec.id}, the healthiest with room")
+        return Placement(kind, best.spec.id, f"{why}; placed on {best.spec.id}, the most projected headroom")
     if pool.fallback_when_exhausted:
         return Placement(
             DecisionKind.FALLBACK,
             pool.fallback.id,
-            f"{why}; every subscription{_of_type(wanted_type)} is limited, exhausted or full, "
-            "so the pay-as-you-go fallback serves",
+            f"{why}; every subscription{_of_type(wanted_type)} is limited, exhausted, full or out of "
+            "service, so the pay-as-you-go fallback serves",
         )
     _, window_end = window_bounds(now)
     return Refusal(
-        f"every subscription{_of_type(wanted_type)} is limited, exhausted or full and fallbackWhenExhausted is off",
+        f"every subscription{_of_type(wanted_type)} is limited, exhausted, full or out of service "
+        "and fallbackWhenExhausted is off",
         retry_after_seconds=max(1.0, min(window_end - now, pool.lease_ttl_seconds)),
     )
 
@@ -201,14 +261,23 @@ def _of_type(wanted_type: str) -> str:
     return f" of type {wanted_type!r}" if wanted_type else ""
 
 
-def _can_keep(lease: Lease, loads: Collection[SubscriptionLoad], pool: PoolSpec) -> str:
+def _can_keep(lease: Lease, loads: Collection[SubscriptionLoad], pool: PoolSpec, now: float) -> str:
     """Why the lease's subscription can no longer serve it, or "" when it can."""
     for load in loads:
         if load.spec.id == lease.subscription_id:
-            if subscription_status(load, pool.threshold_ppm) is SubscriptionStatus.EXHAUSTED:
+            status = subscription_status(load, pool, now)
+            if status is SubscriptionStatus.EXHAUSTED:
                 return f"subscription {lease.subscription_id} has spent its weekly budget"
+            if status is SubscriptionStatus.DISABLED:
+                return f"subscription {lease.subscription_id} is disabled after repeated auth failures"
+            if status is SubscriptionStatus.DRAINING and _idle(lease, pool, now):
+                return f"subscription {lease.subscription_id} is draining for credential rotation"
             return ""
     return f"subscription {lease.subscription_id} is no longer in the pool"
+
+
+def _idle(lease: Lease, pool: PoolSpec, now: float) -> bool:
+    return now - lease.last_used_at >= pool.rebalancing.idle_seconds
 
 
 def decide_allocation(
@@ -223,13 +292,13 @@ def decide_allocation(
         return _elsewhere(loads, pool, wanted_type, now, moving_from="", why="new client")
     if current.fallback:
         # Fallback is pay-as-you-go: come back to the pool as soon as it has room.
-        best = _best_subscription(loads, pool, current.wanted_type)
+        best = _best_subscription(loads, pool, current.wanted_type, now)
         if best is None:
             return Placement(DecisionKind.STICKY, current.subscription_id, "the pool is still spent or full")
         return Placement(
             DecisionKind.FAILOVER, best.spec.id, f"the pool has room again; back from the fallback to {best.spec.id}"
         )
-    why = _can_keep(current, loads, pool)
+    why = _can_keep(current, loads, pool, now)
     if not why:
         return Placement(DecisionKind.STICKY, current.subscription_id, "the client's live lease")
     return _elsewhere(loads, pool, current.wanted_type, now, moving_from=current.subscription_id, why=why)
@@ -256,8 +325,7 @@ def plan_rebalance(
     it on the least spent active subscription with room; no client moves twice.
     """
     policy = pool.rebalancing
-    threshold = pool.threshold_ppm
-    active = [load for load in loads if subscription_status(load, threshold) is SubscriptionStatus.ACTIVE]
+    active = [load for load in loads if subscription_status(load, pool, now) is SubscriptionStatus.ACTIVE]
     if len(active) < 2:
         return RebalancePlan((), "fewer than two active subscriptions; nothing to balance")
     usage = {load.spec.id: load.window_usage_micros for load in loads}
@@ -273,7 +341,7 @@ def plan_rebalance(
             not lease.fallback
             and lease.subscription_id in in_pool
             and lease.expires_at > now
-            and now - lease.last_used_at >= policy.idle_seconds
+            and _idle(lease, pool, now)
         ):
             idle.setdefault(lease.subscription_id, []).append(lease)
     for candidates in idle.values():

@@ -322,6 +322,10 @@ class PoolConfig(_Model):
     data_dir: str = Field(default="./var", min_length=1)
     credentials_root: str = Field(default_factory=lambda: str(Path.home()), validate_default=True)
     lease_ttl_seconds: float = Field(default=60.0, gt=0)
+    cooldown_seconds: float = Field(default=300.0, ge=0)
+    auth_failure_limit: int = Field(default=3, ge=1)
+    error_window_seconds: float = Field(default=900.0, gt=0)
+    forecast_horizon_hours: float = Field(default=6.0, gt=0)
     usage_retention_days: float = Field(default=7.0, gt=0)
     event_retention_days: float = Field(default=7.0, gt=0)
 
@@ -555,6 +559,10 @@ def _pool_spec(raw: PoolConfig) -> PoolSpec:
             idle_seconds=r.idle_seconds,
         ),
         lease_ttl_seconds=raw.lease_ttl_seconds,
+        cooldown_seconds=raw.cooldown_seconds,
+        auth_failure_limit=raw.auth_failure_limit,
+        error_window_seconds=raw.error_window_seconds,
+        forecast_horizon_seconds=raw.forecast_horizon_hours * 3600,
         usage_retention_seconds=raw.usage_retention_days * _SECONDS_PER_DAY,
         event_retention_seconds=raw.event_retention_days * _SECONDS_PER_DAY,
     )

@@ -34,6 +34,8 @@ class SubscriptionStatus(StrEnum):
     ACTIVE = "active"
     LIMITED = "limited"
     EXHAUSTED = "exhausted"
+    DISABLED = "disabled"
+    DRAINING = "draining"
 
 
 class DecisionKind(StrEnum):
@@ -52,6 +54,7 @@ class Outcome(StrEnum):
 
 class EventType(StrEnum):
     LEASE_GRANTED = "lease_granted"
+    ROTATION = "rotation"
     LEASE_RELEASED = "lease_released"
     LEASE_EXPIRED = "lease_expired"
     LEASE_MOVED = "lease_moved"
@@ -100,6 +103,14 @@ class PoolSpec:
     fallback: FallbackSpec = field(default_factory=FallbackSpec)
     rebalancing: RebalancePolicy = field(default_factory=RebalancePolicy)
     lease_ttl_seconds: float = 60.0
+    # A rate-limited report keeps its subscription LIMITED this long.
+    cooldown_seconds: float = 300.0
+    # This many auth failures in a row disable a subscription until an operator resumes it.
+    auth_failure_limit: int = 3
+    # Outcomes within this window make up a subscription's recent error rate.
+    error_window_seconds: float = 900.0
+    # Spend within this window sets the spend rate that forecasts extrapolate.
+    forecast_horizon_seconds: float = 6 * 3600.0
     usage_retention_seconds: float = 7 * 86_400.0
     event_retention_seconds: float = 7 * 86_400.0
     # How long an ended lease is remembered so late usage reports still count.

@@ -3,6 +3,7 @@
     AuthPoolError                  every error a caller can see
     ├── InvalidArgument            INVALID_ARGUMENT, with the offending fields
     ├── LeaseNotFound              NOT_FOUND
+    ├── SubscriptionNotFound       NOT_FOUND
     ├── StaleFencingToken          ABORTED: another holder owns the lease now
     ├── PoolExhausted              RESOURCE_EXHAUSTED, with a retry delay
     ├── EventsCompacted            OUT_OF_RANGE: resume from the oldest retained event
@@ -29,6 +30,7 @@ __all__ = [
     "SequenceAhead",
     "StaleFencingToken",
     "StoreUnavailable",
+    "SubscriptionNotFound",
     "WatcherLagged",
 ]
 
@@ -57,6 +59,13 @@ class LeaseNotFound(AuthPoolError):
 
     def __init__(self, lease_id: str) -> None:
         super().__init__(f"lease_id: no live lease {lease_id!r}", lease_id=lease_id)
+
+
+class SubscriptionNotFound(AuthPoolError):
+    reason = "SUBSCRIPTION_NOT_FOUND"
+
+    def __init__(self, subscription_id: str) -> None:
+        super().__init__(f"subscription_id: no subscription {subscription_id!r} in the pool")
 
 
 class StaleFencingToken(AuthPoolError):

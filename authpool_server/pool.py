@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 from typing import TypeVar
 
 from authpool_server import balancer
-from authpool_server.balancer import Placement, PlannedMove, Refusal, SubscriptionLoad
+from authpool_server.balancer import Forecast, Placement, PlannedMove, Refusal, SubscriptionLoad
 from authpool_server.committer import Committer
 from authpool_server.domain import (
     DecisionKind,
@@ -46,8 +46,10 @@ from authpool_server.errors import (
     PoolExhausted,
     StaleFencingToken,
     StoreUnavailable,
+    SubscriptionNotFound,
 )
 from authpool_server.events import EventHub
+from authpool_server.ledger import SubscriptionFlags, SubscriptionLedger
 from authpool_server.store.base import PruneHorizon, Snapshot, Store, WriteBatch
 
 __all__ = [
@@ -112,6 +114,8 @@ class SubscriptionView:
     health: int
     live_clients: int
     window_usage_micros: int
+    forecast: Forecast
+    error_rate: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,7 +168,7 @@ class Pool:
         self._ended: dict[str, EndedLease] = {}
         # Each subscription's live clients and spend in its window, kept current
         # as they change so a decision never rebuilds them (Allocate is the hot path).
-        self._loads: dict[str, SubscriptionLoad] = {}
+        self._ledgers: dict[str, SubscriptionLedger] = {}
         self._statuses: dict[str, SubscriptionStatus] = {}
         self._window = (0.0, 0.0)
         self._usage_log: deque[UsageRecord] = deque()  # in time order, for pruning
@@ -219,18 +223,26 @@ class Pool:
         self._leases = {lease.lease_id: lease for lease in snapshot.live_leases}
         self._lease_of_client = {lease.client_id: lease.lease_id for lease in snapshot.live_leases}
         self._ended = {ended.lease.lease_id: ended for ended in snapshot.ended_leases}
-        live = dict.fromkeys((spec.id for spec in self.spec.subscriptions), 0)
+        self._window = balancer.window_bounds(now)
+        self._ledgers = {spec.id: SubscriptionLedger(spec, self.spec, self._window) for spec in self.spec.subscriptions}
+        for flags in snapshot.flags:
+            if flags.subscription_id in self._ledgers:
+                self._ledgers[flags.subscription_id].set_flags(flags)
         for lease in snapshot.live_leases:
-            if not lease.fallback and lease.subscription_id in live:
-                live[lease.subscription_id] += 1
+            if not lease.fallback and lease.subscription_id in self._ledgers:
+                self._ledgers[lease.subscription_id].add_clients(1)
         self._usage_log = deque(sorted(snapshot.usage, key=lambda record: record.at))
         self._request_ids = {record.request_id: record.subscription_id for record in snapshot.usage}
         self._sequence = snapshot.last_sequence
         self._token = snapshot.fencing_token
         self.events.last_sequence = snapshot.last_sequence
-        self._loads = {spec.id: SubscriptionLoad(spec, live[spec.id], 0) for spec in self.spec.subscriptions}
-        self._recount_window(now)
-        self._statuses = {load.spec.id: self._status(load) for load in self._loads.values()}
+        self._fallback_usage = 0
+        for record in self._usage_log:
+            if record.fallback:
+                self._fallback_usage += record.cost_micros
+            elif record.subscription_id in self._ledgers and record.at <= now:
+                self._ledgers[record.subscription_id].record(record.at, record.cost_micros, record.outcome)
+        self._statuses = {sid: self._status(sid, now) for sid in self._ledgers}
 
     async def _reload(self) -> None:
         # A failed write leaves memory ahead of the disk: refuse calls until
@@ -249,11 +261,11 @@ class Pool:
                 log.warning("state reloaded from the store after a failed write")
                 return
 
-    def _recount_window(self, now: float) -> None:
+    def _roll_window(self, now: float) -> None:
         self._window = balancer.window_bounds(now)
         spent = self._usage_since(self._window[0])
-        self._loads = {sid: replace(load, window_usage_micros=spent[sid]) for sid, load in self._loads.items()}
-        self._fallback_usage = sum(record.cost_micros for record in self._usage_log if record.fallback)
+        for subscription_id, ledger in self._ledgers.items():
+            ledger.roll(self._window, spent[subscription_id])
 
     def _usage_since(self, start: float) -> dict[str, int]:
         """Pool spend per subscription from `start` on, from the usage log."""
@@ -269,15 +281,16 @@ class Pool:
         if not self._healthy:
             raise StoreUnavailable("the pool is not ready: its store is loading or failed")
 
-    def _add_load(self, subscription_id: str, *, clients: int = 0, spend: int = 0) -> None:
-        load = self._loads.get(subscription_id)
-        if load is not None:  # a lease may outlive its subscription's removal from the config
-            self._loads[subscription_id] = SubscriptionLoad(
-                load.spec, load.live_clients + clients, load.window_usage_micros + spend
-            )
+    def _add_clients(self, subscription_id: str, count: int) -> None:
+        ledger = self._ledgers.get(subscription_id)
+        if ledger is not None:  # a lease may outlive its subscription's removal from the config
+            ledger.add_clients(count)
 
-    def _status(self, load: SubscriptionLoad) -> SubscriptionStatus:
-        return balancer.subscription_status(load, self.spec.threshold_ppm)
+    def _loads(self, now: float) -> list[SubscriptionLoad]:
+        return [ledger.load(now) for ledger in self._ledgers.values()]
+
+    def _status(self, subscription_id: str, now: float) -> SubscriptionStatus:
+        return balancer.subscription_status(self._ledgers[subscription_id].load(now), self.spec, now)
 
     def _event(self, batch: WriteBatch, now: float, type_: EventType, **fields: object) -> None:
         self._sequence += 1
@@ -292,10 +305,9 @@ class Pool:
         return self._token
 
     def _note_status(self, subscription_id: str, batch: WriteBatch, now: float) -> None:
-        load = self._loads.get(subscription_id)
-        if load is None:
+        if subscription_id not in self._ledgers:
             return
-        new = self._status(load)
+        new = self._status(subscription_id, now)
         old = self._statuses.get(subscription_id)
         if new is not old:
             self._statuses[subscription_id] = new
@@ -311,9 +323,9 @@ class Pool:
         """Roll the budget window when `now` has left it."""
         if now < self._window[1]:
             return
-        self._recount_window(now)
-        for spec in self.spec.subscriptions:
-            self._note_status(spec.id, batch, now)
+        self._roll_window(now)
+        for subscription_id in self._ledgers:
+            self._note_status(subscription_id, batch, now)
 
     def _live_lease(self, lease_id: str, now: float, batch: WriteBatch) -> Lease | None:
         lease = self._leases.get(lease_id)
@@ -331,7 +343,7 @@ class Pool:
         if self._lease_of_client.get(lease.client_id) == lease.lease_id:
             del self._lease_of_client[lease.client_id]
         if not lease.fallback:
-            self._add_load(lease.subscription_id, clients=-1)
+            self._add_clients(lease.subscription_id, -1)
         ended = EndedLease(lease, now)
         self._ended[lease.lease_id] = ended
         batch.ended.append(ended)
@@ -349,9 +361,9 @@ class Pool:
         """Move an existing lease to the placement's subscription."""
         fallback = placement.kind is DecisionKind.FALLBACK
         if not lease.fallback:
-            self._add_load(lease.subscription_id, clients=-1)
+            self._add_clients(lease.subscription_id, -1)
         if not fallback:
-            self._add_load(placement.subscription_id, clients=1)
+            self._add_clients(placement.subscription_id, 1)
         moved = replace(
             lease,
             subscription_id=placement.subscription_id,
@@ -374,7 +386,7 @@ class Pool:
 
     def _submit(self, batch: WriteBatch) -> asyncio.Future[None] | None:
         """Hand `batch` to the committer; what it writes stays unsettled until durable."""
-        if not (batch.leases or batch.ended or batch.usage or batch.events or batch.prune):
+        if not (batch.leases or batch.ended or batch.usage or batch.events or batch.flags or batch.prune):
             return None
         future = self._committer.submit(batch)
         ticket = self._committer.submitted
@@ -453,7 +465,7 @@ class Pool:
             raise InvalidArgument([("subscription_type", f"the pool has no subscription of type {wanted_type!r}")])
         lease_id = self._lease_of_client.get(client_id)
         current = self._live_lease(lease_id, now, batch) if lease_id else None
-        decision = balancer.decide_allocation(self._loads.values(), self.spec, current, wanted_type, now)
+        decision = balancer.decide_allocation(self._loads(now), self.spec, current, wanted_type, now)
         if isinstance(decision, Refusal):
             raise PoolExhausted(decision.reason, decision.retry_after_seconds)
         if current is not None and decision.kind is DecisionKind.STICKY:
@@ -499,7 +511,7 @@ class Pool:
         self._store_lease(lease, batch)
         self._lease_of_client[client_id] = lease.lease_id
         if not lease.fallback:
-            self._add_load(lease.subscription_id, clients=1)
+            self._add_clients(lease.subscription_id, 1)
         self._event(
             batch,
             now,
@@ -527,7 +539,7 @@ class Pool:
         if lease is None:
             raise LeaseNotFound(lease_id)
         self._check_token(lease, fencing_token)
-        decision = balancer.decide_renewal(self._loads.values(), self.spec, lease, now)
+        decision = balancer.decide_renewal(self._loads(now), self.spec, lease, now)
         if isinstance(decision, Refusal):
             raise PoolExhausted(decision.reason, decision.retry_after_seconds)
         if decision.kind is not DecisionKind.STICKY:
@@ -596,8 +608,8 @@ class Pool:
         batch.usage.append(record)
         if fallback:
             self._fallback_usage += record.cost_micros
-        else:
-            self._add_load(subscription_id, spend=record.cost_micros)
+        elif subscription_id in self._ledgers:
+            self._ledgers[subscription_id].record(now, record.cost_micros, record.outcome)
         if lease.lease_id in self._leases:
             self._store_lease(replace(lease, last_used_at=now), batch)
         self._event(
@@ -626,7 +638,7 @@ class Pool:
         return await self._apply(lambda now, batch: self._rebalance(dry_run, now, batch))
 
     def _rebalance(self, dry_run: bool, now: float, batch: WriteBatch) -> RebalanceOutcome:
-        plan = balancer.plan_rebalance(list(self._loads.values()), self._leases.values(), self.spec, now)
+        plan = balancer.plan_rebalance(self._loads(now), self._leases.values(), self.spec, now)
         if dry_run:
             return RebalanceOutcome(tuple((move, 0) for move in plan.moves), plan.reason, dry_run=True)
         moved: list[tuple[PlannedMove, int]] = []
@@ -646,27 +658,36 @@ class Pool:
         """The pool's state now (decisions in flight included)."""
         now = self._clock()
         window_start, window_end = self._window
-        loads = list(self._loads.values())
+        loads = self._loads(now)
         if now >= window_end:
             # The window ended since the last change; the next change (or the
             # reaper, within seconds) rolls it. Until then, read the new window.
             window_start, window_end = balancer.window_bounds(now)
             spent = self._usage_since(window_start)
-            loads = [replace(load, window_usage_micros=spent.get(load.spec.id, 0)) for load in loads]
-        views = []
-        for load in loads:
-            views.append(
-                SubscriptionView(
-                    spec=load.spec,
-                    status=self._status(load),
-                    health=balancer.health_score(load, self.spec.threshold_ppm),
-                    live_clients=load.live_clients,
-                    window_usage_micros=load.window_usage_micros,
+            loads = [
+                replace(
+                    load,
+                    window_usage_micros=spent.get(load.spec.id, 0),
+                    window_start=window_start,
+                    window_end=window_end,
                 )
+                for load in loads
+            ]
+        views = tuple(
+            SubscriptionView(
+                spec=load.spec,
+                status=balancer.subscription_status(load, self.spec, now),
+                health=balancer.health_score(load, self.spec, now),
+                live_clients=load.live_clients,
+                window_usage_micros=load.window_usage_micros,
+                forecast=balancer.forecast(load, self.spec, now),
+                error_rate=load.recent_errors / load.recent_requests if load.recent_requests else 0.0,
             )
+            for load in loads
+        )
         leases = tuple(self._leases.values())
         return PoolStatus(
-            subscriptions=tuple(views),
+            subscriptions=views,
             fallback_clients=sum(1 for lease in leases if lease.fallback),
             fallback_usage_micros=self._fallback_usage,
             window_start=window_start,
@@ -675,6 +696,49 @@ class Pool:
             leases=leases if include_clients else (),
             as_of=now,
         )
+
+    # -- operator actions ----------------------------------------------------
+
+    async def drain(self, subscription_id: str) -> int:
+        """Take a subscription out of rotation; idle clients move now, busy ones once idle.
+
+        Returns how many clients moved now.
+        """
+        return await self._apply(lambda now, batch: self._set_draining(subscription_id, True, now, batch))
+
+    async def resume(self, subscription_id: str) -> int:
+        """Put a drained or disabled subscription back into rotation."""
+        return await self._apply(lambda now, batch: self._set_draining(subscription_id, False, now, batch))
+
+    def _set_draining(self, subscription_id: str, draining: bool, now: float, batch: WriteBatch) -> int:
+        ledger = self._ledgers.get(subscription_id)
+        if ledger is None:
+            raise SubscriptionNotFound(subscription_id)
+        resumed_at = ledger.flags.resumed_at if draining else now
+        flags = SubscriptionFlags(subscription_id, draining=draining, resumed_at=resumed_at)
+        ledger.set_flags(flags)
+        batch.flags.append(flags)
+        self._event(
+            batch,
+            now,
+            EventType.ROTATION,
+            subscription_id=subscription_id,
+            attributes=(("phase", "draining" if draining else "resumed"),),
+        )
+        self._note_status(subscription_id, batch, now)
+        return self._move_off_unservable(now, batch, only=subscription_id)
+
+    def _move_off_unservable(self, now: float, batch: WriteBatch, *, only: str = "") -> int:
+        """Move every lease whose subscription can no longer serve it (drained and idle, disabled, ...)."""
+        moved = 0
+        for lease in list(self._leases.values()):
+            if lease.fallback or (only and lease.subscription_id != only) or lease.expires_at <= now:
+                continue
+            decision = balancer.decide_renewal(self._loads(now), self.spec, lease, now)
+            if isinstance(decision, Placement) and decision.kind is not DecisionKind.STICKY:
+                self._place(lease, decision, now, batch)
+                moved += 1
+        return moved
 
     # -- background work -----------------------------------------------------
 
@@ -688,6 +752,13 @@ class Pool:
         expired = [lease for lease in self._leases.values() if lease.expires_at <= now]
         for lease in expired:
             self._end(lease, now, batch, EventType.LEASE_EXPIRED)
+        # Statuses that change with time alone (a cooldown running out) are
+        # noticed here, within one reaper interval.
+        for subscription_id in self._ledgers:
+            self._note_status(subscription_id, batch, now)
+        out_of_service = [sid for sid, ledger in self._ledgers.items() if ledger.flags.draining or ledger.disabled]
+        for subscription_id in out_of_service:
+            self._move_off_unservable(now, batch, only=subscription_id)
         if now - self._last_prune >= _PRUNE_EVERY_SECONDS:
             self._last_prune = now
             self._prune(now, batch)
@@ -729,8 +800,8 @@ class Pool:
     # -- introspection -------------------------------------------------------
 
     def subscription_spec(self, subscription_id: str) -> SubscriptionSpec | None:
-        load = self._loads.get(subscription_id)
-        return None if load is None else load.spec
+        ledger = self._ledgers.get(subscription_id)
+        return None if ledger is None else ledger.spec
 
     @property
     def commit_queue_depth(self) -> int:

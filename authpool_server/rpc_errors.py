@@ -23,6 +23,7 @@ DOMAIN = "authpool.v1"
 _CODES: dict[type[errors.AuthPoolError], int] = {
     errors.InvalidArgument: code_pb2.INVALID_ARGUMENT,
     errors.LeaseNotFound: code_pb2.NOT_FOUND,
+    errors.SubscriptionNotFound: code_pb2.NOT_FOUND,
     errors.StaleFencingToken: code_pb2.ABORTED,
     errors.PoolExhausted: code_pb2.RESOURCE_EXHAUSTED,
     errors.EventsCompacted: code_pb2.OUT_OF_RANGE,

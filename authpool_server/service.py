@@ -41,6 +41,8 @@ _STATUS = {
     SubscriptionStatus.ACTIVE: pb.SUBSCRIPTION_STATUS_ACTIVE,
     SubscriptionStatus.LIMITED: pb.SUBSCRIPTION_STATUS_LIMITED,
     SubscriptionStatus.EXHAUSTED: pb.SUBSCRIPTION_STATUS_EXHAUSTED,
+    SubscriptionStatus.DISABLED: pb.SUBSCRIPTION_STATUS_DISABLED,
+    SubscriptionStatus.DRAINING: pb.SUBSCRIPTION_STATUS_DRAINING,
 }
 _OUTCOME = {
     pb.USAGE_OUTCOME_UNSPECIFIED: Outcome.OK,
@@ -57,6 +59,7 @@ _EVENT_TYPE = {
     EventType.USAGE_RECORDED: pb.EVENT_TYPE_USAGE_RECORDED,
     EventType.SUBSCRIPTION_STATUS_CHANGED: pb.EVENT_TYPE_SUBSCRIPTION_STATUS_CHANGED,
     EventType.REBALANCE_COMPLETED: pb.EVENT_TYPE_REBALANCE_COMPLETED,
+    EventType.ROTATION: pb.EVENT_TYPE_ROTATION,
 }
 
 
@@ -209,6 +212,10 @@ class AuthPoolService(authpool_pb2_grpc.AuthPoolServicer):
                 utilization=view.window_usage_micros / view.spec.weekly_budget_micros,
                 window_start=window_start,
                 window_end=window_end,
+                spend_rate_micros_per_hour=view.forecast.spend_rate_micros_per_hour,
+                projected_window_usage_micros=view.forecast.projected_window_spend_micros,
+                seconds_to_threshold=view.forecast.seconds_to_threshold,
+                recent_error_rate=view.error_rate,
             )
             for view in status.subscriptions
         ]
@@ -248,6 +255,26 @@ class AuthPoolService(authpool_pb2_grpc.AuthPoolServicer):
             reason=outcome.reason,
             dry_run=outcome.dry_run,
         )
+
+    @_errors_as_status
+    async def DrainSubscription(
+        self, request: pb.DrainSubscriptionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DrainSubscriptionResponse:
+        check = Violations()
+        check.identifier("subscription_id", request.subscription_id)
+        check.raise_if_any()
+        moved = await self._pool.drain(request.subscription_id)
+        return pb.DrainSubscriptionResponse(clients_moved=moved)
+
+    @_errors_as_status
+    async def ResumeSubscription(
+        self, request: pb.ResumeSubscriptionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ResumeSubscriptionResponse:
+        check = Violations()
+        check.identifier("subscription_id", request.subscription_id)
+        check.raise_if_any()
+        await self._pool.resume(request.subscription_id)
+        return pb.ResumeSubscriptionResponse()
 
     async def WatchEvents(
         self, request: pb.WatchEventsRequest, context: grpc.aio.ServicerContext

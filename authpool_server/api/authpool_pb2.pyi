@@ -85,6 +85,14 @@ class _SubscriptionStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Su
     """At or above the budget threshold: keeps its clients, takes no new ones."""
     SUBSCRIPTION_STATUS_EXHAUSTED: _SubscriptionStatus.ValueType  # 3
     """At or above its whole budget: serves nobody until its window resets."""
+    SUBSCRIPTION_STATUS_DISABLED: _SubscriptionStatus.ValueType  # 4
+    """Disabled after repeated auth failures: serves nobody until an operator
+    resumes it.
+    """
+    SUBSCRIPTION_STATUS_DRAINING: _SubscriptionStatus.ValueType  # 5
+    """Drained by an operator: takes no new clients and loses its clients as
+    they go idle.
+    """
 
 class SubscriptionStatus(_SubscriptionStatus, metaclass=_SubscriptionStatusEnumTypeWrapper):
     """SubscriptionStatus is where a subscription stands in its budget window."""
@@ -97,6 +105,14 @@ SUBSCRIPTION_STATUS_LIMITED: SubscriptionStatus.ValueType  # 2
 """At or above the budget threshold: keeps its clients, takes no new ones."""
 SUBSCRIPTION_STATUS_EXHAUSTED: SubscriptionStatus.ValueType  # 3
 """At or above its whole budget: serves nobody until its window resets."""
+SUBSCRIPTION_STATUS_DISABLED: SubscriptionStatus.ValueType  # 4
+"""Disabled after repeated auth failures: serves nobody until an operator
+resumes it.
+"""
+SUBSCRIPTION_STATUS_DRAINING: SubscriptionStatus.ValueType  # 5
+"""Drained by an operator: takes no new clients and loses its clients as
+they go idle.
+"""
 Global___SubscriptionStatus: _TypeAlias = SubscriptionStatus  # noqa: Y015
 
 class _UsageOutcome:
@@ -153,6 +169,8 @@ class _EventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventType.V
     """A subscription's status changed."""
     EVENT_TYPE_REBALANCE_COMPLETED: _EventType.ValueType  # 7
     """A rebalancing cycle finished."""
+    EVENT_TYPE_ROTATION: _EventType.ValueType  # 8
+    """An operator drained or resumed a subscription (attribute "phase")."""
 
 class EventType(_EventType, metaclass=_EventTypeEnumTypeWrapper):
     """EventType names what an event records."""
@@ -173,6 +191,8 @@ EVENT_TYPE_SUBSCRIPTION_STATUS_CHANGED: EventType.ValueType  # 6
 """A subscription's status changed."""
 EVENT_TYPE_REBALANCE_COMPLETED: EventType.ValueType  # 7
 """A rebalancing cycle finished."""
+EVENT_TYPE_ROTATION: EventType.ValueType  # 8
+"""An operator drained or resumed a subscription (attribute "phase")."""
 Global___EventType: _TypeAlias = EventType  # noqa: Y015
 
 @_typing.final
@@ -601,6 +621,10 @@ class SubscriptionState(_message.Message):
     UTILIZATION_FIELD_NUMBER: _builtins.int
     WINDOW_START_FIELD_NUMBER: _builtins.int
     WINDOW_END_FIELD_NUMBER: _builtins.int
+    SPEND_RATE_MICROS_PER_HOUR_FIELD_NUMBER: _builtins.int
+    PROJECTED_WINDOW_USAGE_MICROS_FIELD_NUMBER: _builtins.int
+    SECONDS_TO_THRESHOLD_FIELD_NUMBER: _builtins.int
+    RECENT_ERROR_RATE_FIELD_NUMBER: _builtins.int
     subscription_id: _builtins.str
     """The subscription's id from the config."""
     type: _builtins.str
@@ -621,6 +645,18 @@ class SubscriptionState(_message.Message):
     """The weekly budget, in micro-units."""
     utilization: _builtins.float
     """weekly_usage / weekly_budget, for display."""
+    spend_rate_micros_per_hour: _builtins.int
+    """Spend rate over the forecast horizon, in micro-units per hour."""
+    projected_window_usage_micros: _builtins.int
+    """Spend projected by the window's end at that rate, in micro-units."""
+    seconds_to_threshold: _builtins.float
+    """Seconds until the spend reaches the threshold at that rate; 0 when it
+    already has, unset when the rate is zero.
+    """
+    recent_error_rate: _builtins.float
+    """Share of recent provider requests that failed (rate limited, auth or
+    server errors), from 0 to 1.
+    """
     @_builtins.property
     def window_start(self) -> _timestamp_pb2.Timestamp:
         """When the current weekly window began."""
@@ -644,12 +680,18 @@ class SubscriptionState(_message.Message):
         utilization: _builtins.float = ...,
         window_start: _timestamp_pb2.Timestamp | None = ...,
         window_end: _timestamp_pb2.Timestamp | None = ...,
+        spend_rate_micros_per_hour: _builtins.int = ...,
+        projected_window_usage_micros: _builtins.int = ...,
+        seconds_to_threshold: _builtins.float | None = ...,
+        recent_error_rate: _builtins.float = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["window_end", b"window_end", "window_start", b"window_start"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_seconds_to_threshold", b"_seconds_to_threshold", "seconds_to_threshold", b"seconds_to_threshold", "window_end", b"window_end", "window_start", b"window_start"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["health_score", b"health_score", "live_clients", b"live_clients", "masked_email", b"masked_email", "max_clients", b"max_clients", "status", b"status", "subscription_id", b"subscription_id", "type", b"type", "utilization", b"utilization", "weekly_budget_micros", b"weekly_budget_micros", "weekly_usage_micros", b"weekly_usage_micros", "window_end", b"window_end", "window_start", b"window_start"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seconds_to_threshold", b"_seconds_to_threshold", "health_score", b"health_score", "live_clients", b"live_clients", "masked_email", b"masked_email", "max_clients", b"max_clients", "projected_window_usage_micros", b"projected_window_usage_micros", "recent_error_rate", b"recent_error_rate", "seconds_to_threshold", b"seconds_to_threshold", "spend_rate_micros_per_hour", b"spend_rate_micros_per_hour", "status", b"status", "subscription_id", b"subscription_id", "type", b"type", "utilization", b"utilization", "weekly_budget_micros", b"weekly_budget_micros", "weekly_usage_micros", b"weekly_usage_micros", "window_end", b"window_end", "window_start", b"window_start"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__seconds_to_threshold: _TypeAlias = _typing.Literal["seconds_to_threshold"]  # noqa: Y015
+    _WhichOneofArgType__seconds_to_threshold: _TypeAlias = _typing.Literal["_seconds_to_threshold", b"_seconds_to_threshold"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__seconds_to_threshold) -> _WhichOneofReturnType__seconds_to_threshold | None: ...
 
 Global___SubscriptionState: _TypeAlias = SubscriptionState  # noqa: Y015
 
@@ -840,6 +882,89 @@ class RebalanceResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RebalanceResponse: _TypeAlias = RebalanceResponse  # noqa: Y015
+
+@_typing.final
+class DrainSubscriptionRequest(_message.Message):
+    """DrainSubscriptionRequest names the subscription to drain."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUBSCRIPTION_ID_FIELD_NUMBER: _builtins.int
+    subscription_id: _builtins.str
+    """Required. The subscription's id from the config."""
+    def __init__(
+        self,
+        *,
+        subscription_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["subscription_id", b"subscription_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DrainSubscriptionRequest: _TypeAlias = DrainSubscriptionRequest  # noqa: Y015
+
+@_typing.final
+class DrainSubscriptionResponse(_message.Message):
+    """DrainSubscriptionResponse says what the drain did at once."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLIENTS_MOVED_FIELD_NUMBER: _builtins.int
+    clients_moved: _builtins.int
+    """Idle clients moved to other subscriptions (or the fallback) right away."""
+    def __init__(
+        self,
+        *,
+        clients_moved: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clients_moved", b"clients_moved"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DrainSubscriptionResponse: _TypeAlias = DrainSubscriptionResponse  # noqa: Y015
+
+@_typing.final
+class ResumeSubscriptionRequest(_message.Message):
+    """ResumeSubscriptionRequest names the subscription to put back into rotation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUBSCRIPTION_ID_FIELD_NUMBER: _builtins.int
+    subscription_id: _builtins.str
+    """Required. The subscription's id from the config."""
+    def __init__(
+        self,
+        *,
+        subscription_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["subscription_id", b"subscription_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResumeSubscriptionRequest: _TypeAlias = ResumeSubscriptionRequest  # noqa: Y015
+
+@_typing.final
+class ResumeSubscriptionResponse(_message.Message):
+    """ResumeSubscriptionResponse acknowledges a resume."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResumeSubscriptionResponse: _TypeAlias = ResumeSubscriptionResponse  # noqa: Y015
 
 @_typing.final
 class WatchEventsRequest(_message.Message):

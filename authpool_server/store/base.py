@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from authpool_server.domain import EndedLease, Event, Lease, UsageRecord
+from authpool_server.ledger import SubscriptionFlags
 
 __all__ = ["PruneHorizon", "Snapshot", "Store", "WriteBatch"]
 
@@ -38,6 +39,7 @@ class WriteBatch:
     ended: list[EndedLease] = field(default_factory=list)
     usage: list[UsageRecord] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
+    flags: list[SubscriptionFlags] = field(default_factory=list)
     fencing_token: int = 0
     prune: PruneHorizon | None = None
 
@@ -47,6 +49,7 @@ class WriteBatch:
         self.ended.extend(other.ended)
         self.usage.extend(other.usage)
         self.events.extend(other.events)
+        self.flags.extend(other.flags)
         self.fencing_token = max(self.fencing_token, other.fencing_token)
         self.prune = other.prune or self.prune
 
@@ -60,6 +63,7 @@ class Snapshot:
     usage: list[UsageRecord]
     last_sequence: int
     fencing_token: int
+    flags: list[SubscriptionFlags] = field(default_factory=list)
 
 
 class Store(Protocol):

@@ -7,6 +7,7 @@ a "restart" must come back to the same state.
 from __future__ import annotations
 
 from authpool_server.domain import EndedLease, Event, Lease, UsageRecord
+from authpool_server.ledger import SubscriptionFlags
 from authpool_server.store.base import Snapshot, WriteBatch
 
 __all__ = ["MemoryStore"]
@@ -18,6 +19,7 @@ class MemoryStore:
         self.ended: dict[str, EndedLease] = {}
         self.usage: dict[str, UsageRecord] = {}
         self.events: list[Event] = []
+        self.flags: dict[str, SubscriptionFlags] = {}
         self.fencing_token = 0
         self.last_sequence = 0
         self.writes = 0
@@ -33,6 +35,7 @@ class MemoryStore:
             usage=list(self.usage.values()),
             last_sequence=self.last_sequence,
             fencing_token=self.fencing_token,
+            flags=list(self.flags.values()),
         )
 
     async def write(self, batch: WriteBatch) -> None:
@@ -48,6 +51,8 @@ class MemoryStore:
         for record in batch.usage:
             self.usage.setdefault(record.request_id, record)
         self.events.extend(batch.events)
+        for flags in batch.flags:
+            self.flags[flags.subscription_id] = flags
         if batch.events:
             self.last_sequence = batch.events[-1].sequence
         self.fencing_token = max(self.fencing_token, batch.fencing_token)

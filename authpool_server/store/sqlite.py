@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from authpool_server.domain import EndedLease, Event, EventType, Lease, Outcome, UsageRecord
+from authpool_server.ledger import SubscriptionFlags
 from authpool_server.store.base import Snapshot, WriteBatch
 
 __all__ = ["SQLiteStore"]
@@ -60,6 +61,11 @@ CREATE TABLE IF NOT EXISTS usage (
     outcome         TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS usage_at ON usage (at);
+CREATE TABLE IF NOT EXISTS subscription_flags (
+    subscription_id TEXT PRIMARY KEY,
+    draining        INTEGER NOT NULL,
+    resumed_at      REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS events (
     sequence INTEGER PRIMARY KEY,
     at       REAL NOT NULL,
@@ -225,7 +231,11 @@ class SQLiteStore:
             conn.execute("SELECT COALESCE(MAX(sequence), 0) FROM events").fetchone()[0],
         )
         token = int(self._meta("fencing_token") or 0)
-        return Snapshot(live, ended, usage, last_sequence, token)
+        flags = [
+            SubscriptionFlags(r["subscription_id"], bool(r["draining"]), r["resumed_at"])
+            for r in conn.execute("SELECT * FROM subscription_flags")
+        ]
+        return Snapshot(live, ended, usage, last_sequence, token, flags)
 
     def _meta(self, key: str) -> str | None:
         assert self._writer is not None
@@ -279,6 +289,12 @@ class SQLiteStore:
                         )
                         for u in batch.usage
                     ],
+                )
+            if batch.flags:
+                conn.executemany(
+                    "INSERT INTO subscription_flags VALUES (?, ?, ?) ON CONFLICT (subscription_id) "
+                    "DO UPDATE SET draining = excluded.draining, resumed_at = excluded.resumed_at",
+                    [(f.subscription_id, int(f.draining), f.resumed_at) for f in batch.flags],
                 )
             if batch.events:
                 conn.executemany(

@@ -428,8 +428,13 @@ async def test_status_reports_usage_utilization_health_and_totals(stub: Stub, cl
     assert s1.utilization == pytest.approx(0.17)
     assert s2.utilization == pytest.approx(0.085)
     assert s3.utilization == 0.0
-    # health = round(100 * (0.6 * (1 - usage / (0.85 * budget)) + 0.4 * (1 - live / max)))
-    assert (s1.health_score, s2.health_score, s3.health_score) == (48, 74, 80)
+    # health = round(100 * (0.35 budget + 0.20 projected + 0.30 capacity + 0.15 reliability)).
+    # Both reports came in the last 6 hours, so at that rate sub1 and sub2 are on
+    # course to far beyond their limits: their projected headroom is 0.
+    #   sub1: 0.35 * (1 - 17/85) + 0 + 0.30 * 0 + 0.15 = 0.43
+    #   sub2: 0.35 * (1 - 8.5/85) + 0 + 0.30 * 0.5 + 0.15 = 0.615
+    #   sub3: 0.35 + 0.20 + 0.30 * 0.5 + 0.15 = 0.85
+    assert (s1.health_score, s2.health_score, s3.health_score) == (43, 62, 85)
     for s in state.subscriptions:
         assert s.type == "claude-pro"
         assert s.masked_email == "t***@company.com"
@@ -450,7 +455,7 @@ async def test_status_reports_usage_utilization_health_and_totals(stub: Stub, cl
     assert totals.weekly_usage_micros == 25_500_000
     assert totals.weekly_budget_micros == 300 * UNIT
     assert totals.fallback_usage_micros == 0
-    assert totals.average_health == pytest.approx((48 + 74 + 80) / 3)
+    assert totals.average_health == pytest.approx((43 + 62 + 85) / 3)
     assert totals.last_sequence == 6  # four grants, two usage reports
     assert state.as_of.ToNanoseconds() == round(clock.now * 1e9)
 

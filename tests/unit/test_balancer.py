@@ -46,6 +46,11 @@ NOW = MONDAY + 2 * 86_400 + 3_600  # Wednesday 01:00 UTC, mid-window
 # -- builders ------------------------------------------------------------------
 
 
+def policy(threshold_ppm: int = THRESHOLD) -> PoolSpec:
+    """A pool spec that only sets what status and health read."""
+    return PoolSpec(subscriptions=(), threshold_ppm=threshold_ppm)
+
+
 def sub(sid: str, *, type_: str = "claude-pro", budget: int = 100 * U, max_clients: int = 2) -> SubscriptionSpec:
     return SubscriptionSpec(
         id=sid,
@@ -216,17 +221,17 @@ def test_window_always_starts_on_a_monday_midnight_utc_and_holds_now(now: float)
     ],
 )
 def test_subscription_status(usage: int, expected: SubscriptionStatus) -> None:
-    assert subscription_status(load("s", usage=usage), THRESHOLD) is expected
+    assert subscription_status(load("s", usage=usage), policy(THRESHOLD), NOW) is expected
 
 
 def test_status_depends_on_spend_not_on_clients() -> None:
-    assert subscription_status(load("s", live=2, max_clients=2), THRESHOLD) is SubscriptionStatus.ACTIVE
+    assert subscription_status(load("s", live=2, max_clients=2), policy(THRESHOLD), NOW) is SubscriptionStatus.ACTIVE
 
 
 def test_status_threshold_is_per_pool() -> None:
     half_spent = load("s", usage=50 * U)
-    assert subscription_status(half_spent, 500_000) is SubscriptionStatus.LIMITED
-    assert subscription_status(half_spent, 500_001) is SubscriptionStatus.ACTIVE
+    assert subscription_status(half_spent, policy(500_000), NOW) is SubscriptionStatus.LIMITED
+    assert subscription_status(half_spent, policy(500_001), NOW) is SubscriptionStatus.ACTIVE
 
 
 # -- health_score --------------------------------------------------------------
@@ -235,25 +240,26 @@ def test_status_threshold_is_per_pool() -> None:
 @pytest.mark.parametrize(
     ("live", "usage", "expected"),
     [
+        # No spend history, so projected spend is today's: health = 55 b + 30 c + 15.
         pytest.param(0, 0, 100, id="fresh-and-idle"),
-        pytest.param(1, 85 * U // 2, 50, id="half-of-limit-spent-and-half-full-is-the-alert-line"),
-        pytest.param(1, 0, 80, id="half-full-nothing-spent"),
-        pytest.param(2, 0, 60, id="full-nothing-spent"),
-        pytest.param(0, 17 * U, 88, id="a-fifth-of-limit-spent"),
-        pytest.param(0, 85 * U, 40, id="limited-and-idle-scores-at-most-40"),
-        pytest.param(1, 90 * U, 20, id="limited-half-full"),
-        pytest.param(2, 99 * U, 0, id="limited-and-full"),
+        pytest.param(1, 85 * U // 2, 58, id="half-of-limit-spent-and-half-full"),
+        pytest.param(1, 0, 85, id="half-full-nothing-spent"),
+        pytest.param(2, 0, 70, id="full-nothing-spent"),
+        pytest.param(0, 17 * U, 89, id="a-fifth-of-limit-spent"),
+        pytest.param(0, 85 * U, 45, id="limited-and-idle-scores-at-most-45"),
+        pytest.param(1, 90 * U, 30, id="limited-half-full"),
+        pytest.param(2, 99 * U, 15, id="limited-and-full"),
         pytest.param(0, 100 * U, 0, id="exhausted"),
         pytest.param(0, 250 * U, 0, id="overspent"),
     ],
 )
 def test_health_score_examples(live: int, usage: int, expected: int) -> None:
-    assert health_score(load("s", live=live, usage=usage), THRESHOLD) == expected
+    assert health_score(load("s", live=live, usage=usage), policy(THRESHOLD), NOW) == expected
 
 
 def test_exhausted_scores_zero_even_when_idle() -> None:
     # Idle capacity must not make a spent subscription look healthy.
-    assert health_score(load("s", live=0, usage=100 * U), THRESHOLD) == 0
+    assert health_score(load("s", live=0, usage=100 * U), policy(THRESHOLD), NOW) == 0
 
 
 loads_strategy = st.builds(
@@ -272,13 +278,13 @@ loads_strategy = st.builds(
 def test_health_is_always_between_0_and_100_and_agrees_with_status(
     subject: SubscriptionLoad, threshold_ppm: int
 ) -> None:
-    score = health_score(subject, threshold_ppm)
+    score = health_score(subject, policy(threshold_ppm), NOW)
     assert 0 <= score <= 100
-    status = subscription_status(subject, threshold_ppm)
+    status = subscription_status(subject, policy(threshold_ppm), NOW)
     if status is SubscriptionStatus.EXHAUSTED:
         assert score == 0
     elif status is SubscriptionStatus.LIMITED:
-        assert score <= 40
+        assert score <= 45
 
 
 @settings(max_examples=200, deadline=None)
@@ -287,7 +293,7 @@ def test_health_never_rises_with_more_spend_or_more_clients(subject: Subscriptio
     busier = replace(
         subject, window_usage_micros=subject.window_usage_micros + extra, live_clients=subject.live_clients + more
     )
-    assert health_score(busier, THRESHOLD) <= health_score(subject, THRESHOLD)
+    assert health_score(busier, policy(THRESHOLD), NOW) <= health_score(subject, policy(THRESHOLD), NOW)
 
 
 # -- decide_allocation: new clients --------------------------------------------
@@ -310,7 +316,7 @@ def test_equal_health_prefers_more_budget_headroom_in_money() -> None:
     # Equal health (80 each); sub-b has twice the money left before it is limited, so it wins over the id.
     small = load("sub-a", budget=100 * U, usage=0, live=1)
     big = load("sub-b", budget=200 * U, usage=0, live=1)
-    assert health_score(small, THRESHOLD) == health_score(big, THRESHOLD)
+    assert health_score(small, policy(THRESHOLD), NOW) == health_score(big, policy(THRESHOLD), NOW)
     decision = placed(decide_allocation([small, big], pool_of(small, big), None, "", NOW))
     assert decision.subscription_id == "sub-b"
 
@@ -318,7 +324,7 @@ def test_equal_health_prefers_more_budget_headroom_in_money() -> None:
 def test_limited_subscriptions_take_no_new_clients() -> None:
     limited = load("sub1", usage=85 * U)  # idle, health 40
     worn = load("sub2", usage=80 * U, live=1)  # active but less healthy (24)
-    assert health_score(limited, THRESHOLD) > health_score(worn, THRESHOLD)
+    assert health_score(limited, policy(THRESHOLD), NOW) > health_score(worn, policy(THRESHOLD), NOW)
     decision = placed(decide_allocation([limited, worn], pool_of(limited, worn), None, "", NOW))
     assert (decision.kind, decision.subscription_id) == (DecisionKind.NEW, "sub2")
 
@@ -326,7 +332,7 @@ def test_limited_subscriptions_take_no_new_clients() -> None:
 def test_full_subscriptions_take_no_new_clients() -> None:
     full = load("sub1", live=2, max_clients=2)  # health 60
     spent = load("sub2", usage=60 * U)  # health 58
-    assert health_score(full, THRESHOLD) > health_score(spent, THRESHOLD)
+    assert health_score(full, policy(THRESHOLD), NOW) > health_score(spent, policy(THRESHOLD), NOW)
     decision = placed(decide_allocation([full, spent], pool_of(full, spent), None, "", NOW))
     assert decision.subscription_id == "sub2"
 
@@ -652,10 +658,10 @@ def test_decisions_depend_on_the_inputs_only_not_their_order(case: dict) -> None
     if isinstance(first, Placement) and first.kind in (DecisionKind.NEW, DecisionKind.FAILOVER):
         chosen = next(item for item in loads if item.spec.id == first.subscription_id)
         assert chosen.live_clients < chosen.spec.max_clients
-        assert subscription_status(chosen, THRESHOLD) is SubscriptionStatus.ACTIVE
+        assert subscription_status(chosen, policy(THRESHOLD), NOW) is SubscriptionStatus.ACTIVE
     by_id = {item.spec.id: item for item in loads}
     for move in plan.moves:
-        assert subscription_status(by_id[move.to_subscription_id], THRESHOLD) is SubscriptionStatus.ACTIVE
+        assert subscription_status(by_id[move.to_subscription_id], policy(THRESHOLD), NOW) is SubscriptionStatus.ACTIVE
     targets = [move.to_subscription_id for move in plan.moves]
     for sid in set(targets):
         assert by_id[sid].live_clients + targets.count(sid) <= by_id[sid].spec.max_clients

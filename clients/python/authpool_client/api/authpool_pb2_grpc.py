@@ -65,6 +65,16 @@ class AuthPoolStub:
                 request_serializer=authpool_dot_v1_dot_authpool__pb2.RebalanceRequest.SerializeToString,
                 response_deserializer=authpool_dot_v1_dot_authpool__pb2.RebalanceResponse.FromString,
                 _registered_method=True)
+        self.DrainSubscription = channel.unary_unary(
+                '/authpool.v1.AuthPool/DrainSubscription',
+                request_serializer=authpool_dot_v1_dot_authpool__pb2.DrainSubscriptionRequest.SerializeToString,
+                response_deserializer=authpool_dot_v1_dot_authpool__pb2.DrainSubscriptionResponse.FromString,
+                _registered_method=True)
+        self.ResumeSubscription = channel.unary_unary(
+                '/authpool.v1.AuthPool/ResumeSubscription',
+                request_serializer=authpool_dot_v1_dot_authpool__pb2.ResumeSubscriptionRequest.SerializeToString,
+                response_deserializer=authpool_dot_v1_dot_authpool__pb2.ResumeSubscriptionResponse.FromString,
+                _registered_method=True)
         self.WatchEvents = channel.unary_stream(
                 '/authpool.v1.AuthPool/WatchEvents',
                 request_serializer=authpool_dot_v1_dot_authpool__pb2.WatchEventsRequest.SerializeToString,
@@ -133,6 +143,25 @@ class AuthPoolServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DrainSubscription(self, request, context):
+        """DrainSubscription takes a subscription out of rotation, e.g. to rotate
+        its credential: it takes no new clients, its idle clients move at once
+        and its busy ones as soon as they go idle. Emits a ROTATION event.
+        NOT_FOUND (SUBSCRIPTION_NOT_FOUND) for an unknown id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeSubscription(self, request, context):
+        """ResumeSubscription puts a drained or disabled subscription back into
+        rotation (an operator's answer to repeated auth failures, once the
+        credential is fixed). Emits a ROTATION event.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def WatchEvents(self, request, context):
         """WatchEvents streams the event log: every event after `after_sequence`,
         in order, then new events as they happen. A sequence older than the
@@ -177,6 +206,16 @@ def add_AuthPoolServicer_to_server(servicer, server):
                     servicer.Rebalance,
                     request_deserializer=authpool_dot_v1_dot_authpool__pb2.RebalanceRequest.FromString,
                     response_serializer=authpool_dot_v1_dot_authpool__pb2.RebalanceResponse.SerializeToString,
+            ),
+            'DrainSubscription': grpc.unary_unary_rpc_method_handler(
+                    servicer.DrainSubscription,
+                    request_deserializer=authpool_dot_v1_dot_authpool__pb2.DrainSubscriptionRequest.FromString,
+                    response_serializer=authpool_dot_v1_dot_authpool__pb2.DrainSubscriptionResponse.SerializeToString,
+            ),
+            'ResumeSubscription': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeSubscription,
+                    request_deserializer=authpool_dot_v1_dot_authpool__pb2.ResumeSubscriptionRequest.FromString,
+                    response_serializer=authpool_dot_v1_dot_authpool__pb2.ResumeSubscriptionResponse.SerializeToString,
             ),
             'WatchEvents': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchEvents,
@@ -347,6 +386,60 @@ class AuthPool:
             '/authpool.v1.AuthPool/Rebalance',
             authpool_dot_v1_dot_authpool__pb2.RebalanceRequest.SerializeToString,
             authpool_dot_v1_dot_authpool__pb2.RebalanceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DrainSubscription(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/authpool.v1.AuthPool/DrainSubscription',
+            authpool_dot_v1_dot_authpool__pb2.DrainSubscriptionRequest.SerializeToString,
+            authpool_dot_v1_dot_authpool__pb2.DrainSubscriptionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeSubscription(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/authpool.v1.AuthPool/ResumeSubscription',
+            authpool_dot_v1_dot_authpool__pb2.ResumeSubscriptionRequest.SerializeToString,
+            authpool_dot_v1_dot_authpool__pb2.ResumeSubscriptionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -76,6 +76,17 @@ class AuthPoolStub:
     """Rebalance runs one rebalancing cycle now: idle clients move from
     expensive to cheap subscriptions. With `dry_run` it only returns the plan.
     """
+    DrainSubscription: _grpc.UnaryUnaryMultiCallable[_authpool_pb2.DrainSubscriptionRequest, _authpool_pb2.DrainSubscriptionResponse]
+    """DrainSubscription takes a subscription out of rotation, e.g. to rotate
+    its credential: it takes no new clients, its idle clients move at once
+    and its busy ones as soon as they go idle. Emits a ROTATION event.
+    NOT_FOUND (SUBSCRIPTION_NOT_FOUND) for an unknown id.
+    """
+    ResumeSubscription: _grpc.UnaryUnaryMultiCallable[_authpool_pb2.ResumeSubscriptionRequest, _authpool_pb2.ResumeSubscriptionResponse]
+    """ResumeSubscription puts a drained or disabled subscription back into
+    rotation (an operator's answer to repeated auth failures, once the
+    credential is fixed). Emits a ROTATION event.
+    """
     WatchEvents: _grpc.UnaryStreamMultiCallable[_authpool_pb2.WatchEventsRequest, _authpool_pb2.WatchEventsResponse]
     """WatchEvents streams the event log: every event after `after_sequence`,
     in order, then new events as they happen. A sequence older than the
@@ -121,6 +132,17 @@ class AuthPoolAsyncStub(AuthPoolStub):
     Rebalance: _aio.UnaryUnaryMultiCallable[_authpool_pb2.RebalanceRequest, _authpool_pb2.RebalanceResponse]  # type: ignore[assignment]
     """Rebalance runs one rebalancing cycle now: idle clients move from
     expensive to cheap subscriptions. With `dry_run` it only returns the plan.
+    """
+    DrainSubscription: _aio.UnaryUnaryMultiCallable[_authpool_pb2.DrainSubscriptionRequest, _authpool_pb2.DrainSubscriptionResponse]  # type: ignore[assignment]
+    """DrainSubscription takes a subscription out of rotation, e.g. to rotate
+    its credential: it takes no new clients, its idle clients move at once
+    and its busy ones as soon as they go idle. Emits a ROTATION event.
+    NOT_FOUND (SUBSCRIPTION_NOT_FOUND) for an unknown id.
+    """
+    ResumeSubscription: _aio.UnaryUnaryMultiCallable[_authpool_pb2.ResumeSubscriptionRequest, _authpool_pb2.ResumeSubscriptionResponse]  # type: ignore[assignment]
+    """ResumeSubscription puts a drained or disabled subscription back into
+    rotation (an operator's answer to repeated auth failures, once the
+    credential is fixed). Emits a ROTATION event.
     """
     WatchEvents: _aio.UnaryStreamMultiCallable[_authpool_pb2.WatchEventsRequest, _authpool_pb2.WatchEventsResponse]  # type: ignore[assignment]
     """WatchEvents streams the event log: every event after `after_sequence`,
@@ -200,6 +222,29 @@ class AuthPoolServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_authpool_pb2.RebalanceResponse, _abc.Awaitable[_authpool_pb2.RebalanceResponse]]:
         """Rebalance runs one rebalancing cycle now: idle clients move from
         expensive to cheap subscriptions. With `dry_run` it only returns the plan.
+        """
+
+    @_abc_1.abstractmethod
+    def DrainSubscription(
+        self,
+        request: _authpool_pb2.DrainSubscriptionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_authpool_pb2.DrainSubscriptionResponse, _abc.Awaitable[_authpool_pb2.DrainSubscriptionResponse]]:
+        """DrainSubscription takes a subscription out of rotation, e.g. to rotate
+        its credential: it takes no new clients, its idle clients move at once
+        and its busy ones as soon as they go idle. Emits a ROTATION event.
+        NOT_FOUND (SUBSCRIPTION_NOT_FOUND) for an unknown id.
+        """
+
+    @_abc_1.abstractmethod
+    def ResumeSubscription(
+        self,
+        request: _authpool_pb2.ResumeSubscriptionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_authpool_pb2.ResumeSubscriptionResponse, _abc.Awaitable[_authpool_pb2.ResumeSubscriptionResponse]]:
+        """ResumeSubscription puts a drained or disabled subscription back into
+        rotation (an operator's answer to repeated auth failures, once the
+        credential is fixed). Emits a ROTATION event.
         """
 
     @_abc_1.abstractmethod

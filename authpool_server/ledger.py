@@ -1,0 +1,134 @@
+"""Per-subscription bookkeeping: what the policy needs to know, kept current.
+
+A `SubscriptionLedger` counts one subscription's live clients and spend in
+its budget window, and keeps the recent history that forecasts, error rates,
+cooldowns and the auth-failure streak are made of. It hands the balancer an
+immutable `SubscriptionLoad` as of a given time, rebuilt only when something
+changed, because every Allocate reads every subscription's load.
+
+Only the pool writes to ledgers; it rebuilds them from the store at start by
+replaying the usage records in time order, so nothing here is persisted but
+the operator's flags (`SubscriptionFlags`).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from authpool_server.balancer import SubscriptionLoad
+from authpool_server.domain import Outcome, PoolSpec, SubscriptionSpec
+
+__all__ = ["SubscriptionFlags", "SubscriptionLedger"]
+
+_ERRORS = frozenset({Outcome.RATE_LIMITED, Outcome.AUTH_FAILED, Outcome.SERVER_ERROR})
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriptionFlags:
+    """What an operator set on a subscription; durable."""
+
+    subscription_id: str
+    draining: bool = False
+    # Auth failures before this time no longer count: the operator resumed it.
+    resumed_at: float = 0.0
+
+
+class SubscriptionLedger:
+    __slots__ = (
+        "_auth_failures_in_a_row",
+        "_load",
+        "_outcomes",
+        "_pool",
+        "_recent_errors",
+        "_recent_spend",
+        "_spend",
+        "flags",
+        "live_clients",
+        "rate_limited_at",
+        "spec",
+        "window",
+        "window_usage",
+    )
+
+    def __init__(self, spec: SubscriptionSpec, pool: PoolSpec, window: tuple[float, float]) -> None:
+        self.spec = spec
+        self._pool = pool
+        self.window = window
+        self.window_usage = 0
+        self.live_clients = 0
+        self.flags = SubscriptionFlags(spec.id)
+        self.rate_limited_at = 0.0
+        self._auth_failures_in_a_row = 0
+        self._spend: deque[tuple[float, int]] = deque()
+        self._recent_spend = 0
+        self._outcomes: deque[tuple[float, bool]] = deque()
+        self._recent_errors = 0
+        self._load: SubscriptionLoad | None = None
+
+    @property
+    def disabled(self) -> bool:
+        return self._auth_failures_in_a_row >= self._pool.auth_failure_limit
+
+    def add_clients(self, count: int) -> None:
+        self.live_clients += count
+        self._load = None
+
+    def set_flags(self, flags: SubscriptionFlags) -> None:
+        if flags.resumed_at > self.flags.resumed_at:
+            self._auth_failures_in_a_row = 0
+        self.flags = flags
+        self._load = None
+
+    def roll(self, window: tuple[float, float], usage: int) -> None:
+        """Enter a new budget window in which `usage` has been spent so far."""
+        self.window = window
+        self.window_usage = usage
+        self._load = None
+
+    def record(self, at: float, cost_micros: int, outcome: Outcome) -> None:
+        """Count one provider request made on this subscription at `at`."""
+        if at >= self.window[0]:
+            self.window_usage += cost_micros
+        self._spend.append((at, cost_micros))
+        self._recent_spend += cost_micros
+        error = outcome in _ERRORS
+        self._outcomes.append((at, error))
+        self._recent_errors += error
+        if outcome is Outcome.RATE_LIMITED:
+            self.rate_limited_at = max(self.rate_limited_at, at)
+        if outcome is Outcome.AUTH_FAILED:
+            if at >= self.flags.resumed_at:
+                self._auth_failures_in_a_row += 1
+        elif outcome is Outcome.OK:
+            self._auth_failures_in_a_row = 0
+        self._load = None
+
+    def load(self, now: float) -> SubscriptionLoad:
+        """The subscription as the balancer sees it at `now`."""
+        self._forget_before(now)
+        if self._load is None:
+            self._load = SubscriptionLoad(
+                spec=self.spec,
+                live_clients=self.live_clients,
+                window_usage_micros=self.window_usage,
+                window_start=self.window[0],
+                window_end=self.window[1],
+                recent_spend_micros=self._recent_spend,
+                recent_requests=len(self._outcomes),
+                recent_errors=self._recent_errors,
+                rate_limited_at=self.rate_limited_at,
+                disabled=self.disabled,
+                draining=self.flags.draining,
+            )
+        return self._load
+
+    def _forget_before(self, now: float) -> None:
+        spend_since = max(now - self._pool.forecast_horizon_seconds, self.window[0])
+        while self._spend and self._spend[0][0] < spend_since:
+            self._recent_spend -= self._spend.popleft()[1]
+            self._load = None
+        errors_since = now - self._pool.error_window_seconds
+        while self._outcomes and self._outcomes[0][0] < errors_since:
+            self._recent_errors -= self._outcomes.popleft()[1]
+            self._load = None
