@@ -168,12 +168,17 @@ def subscription_status(load: SubscriptionLoad, pool: PoolSpec, now: float) -> S
     return SubscriptionStatus.ACTIVE
 
 
+def _spend_rate(load: SubscriptionLoad, horizon_seconds: float, now: float) -> float:
+    """Micro-units per second over the horizon (or the window so far, if shorter)."""
+    observed = min(horizon_seconds, now - load.window_start)
+    # Under a minute of window is too little to extrapolate from.
+    return load.recent_spend_micros / observed if observed >= 60 else 0.0
+
+
 def forecast(load: SubscriptionLoad, pool: PoolSpec, now: float) -> Forecast:
     """Spend rate and where it leads by the window's end; see "Forecast" above."""
-    observed = min(pool.forecast_horizon_seconds, max(0.0, now - load.window_start))
-    rate = load.recent_spend_micros / observed if observed >= 60 else 0.0  # per second
-    remaining = max(0.0, load.window_end - now)
-    projected = load.window_usage_micros + round(rate * remaining)
+    rate = _spend_rate(load, pool.forecast_horizon_seconds, now)
+    projected = load.window_usage_micros + round(rate * max(0.0, load.window_end - now))
     to_limit = limit_micros(load.spec, pool.threshold_ppm) - load.window_usage_micros
     if to_limit <= 0:
         seconds_to_threshold: float | None = 0.0
@@ -211,18 +216,24 @@ def _best_subscription(
     the id breaks the last tie, so the choice is deterministic. One pass: this
     runs on every new Allocate.
     """
+    threshold, horizon = pool.threshold_ppm, pool.forecast_horizon_seconds
     best: SubscriptionLoad | None = None
-    best_key: tuple[int, int, str] | None = None
+    best_key: tuple[float, int, str] | None = None
     for load in loads:
         spec = load.spec
         if spec.id == exclude or load.live_clients >= spec.max_clients:
             continue
         if wanted_type and spec.type != wanted_type:
             continue
-        if subscription_status(load, pool, now) is not SubscriptionStatus.ACTIVE:
+        # subscription_status(...) is ACTIVE, spelled out: this loop is the hot path.
+        if load.disabled or load.draining or cooling_down(load, pool, now):
             continue
-        headroom = limit_micros(spec, pool.threshold_ppm) - forecast(load, pool, now).projected_window_spend_micros
-        key = (-headroom, load.live_clients, spec.id)
+        limit = spec.weekly_budget_micros * threshold // PPM
+        if load.window_usage_micros >= limit:
+            continue
+        remaining = load.window_end - now
+        projected = load.window_usage_micros + (_spend_rate(load, horizon, now) * remaining if remaining > 0 else 0)
+        key = (projected - limit, load.live_clients, spec.id)
         if best_key is None or key < best_key:
             best, best_key = load, key
     return best

@@ -216,11 +216,15 @@ class Driver:
             return
         # Invariant 1: the same lease, moved only when its subscription can no longer serve it.
         assert lease.lease_id == before.lease_id
-        can_stay = before.fallback or self._status_of(before.subscription_id) not in (
+        if before.fallback:
+            # A fallback lease stays until the pool has room, then comes back to it.
+            assert allocation.kind in (DecisionKind.STICKY, DecisionKind.FAILOVER)
+            assert (allocation.kind is DecisionKind.FAILOVER) == (not lease.fallback)
+        elif self._status_of(before.subscription_id) not in (
             SubscriptionStatus.EXHAUSTED,
+            SubscriptionStatus.DISABLED,
             None,
-        )
-        if can_stay:
+        ):
             assert allocation.kind is DecisionKind.STICKY
             assert lease.subscription_id == before.subscription_id
         else:
