@@ -41,11 +41,15 @@ its target of 70.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
+from datetime import datetime, timedelta
+from zoneinfo import ZoneInfo
 
 from authpool_server.domain import (
     PPM,
+    BudgetReset,
     DecisionKind,
     Lease,
     PoolSpec,
@@ -56,6 +60,7 @@ from authpool_server.domain import (
 WEEK_SECONDS = 7 * 86_400
 # 1970-01-01 was a Thursday; the first Monday 00:00 UTC was four days later.
 _FIRST_MONDAY = 4 * 86_400
+_MONDAY_UTC = BudgetReset()
 _BUDGET_WEIGHT = 0.35
 _PROJECTED_WEIGHT = 0.20
 _CAPACITY_WEIGHT = 0.30
@@ -139,10 +144,32 @@ class RebalancePlan:
     reason: str
 
 
-def window_bounds(now: float) -> tuple[float, float]:
-    """The weekly budget window holding `now`: Monday 00:00 UTC to the next."""
-    start = now - ((now - _FIRST_MONDAY) % WEEK_SECONDS)
-    return start, start + WEEK_SECONDS
+def window_bounds(now: float, reset: BudgetReset = _MONDAY_UTC) -> tuple[float, float]:
+    """The weekly budget window holding `now`, as [start, end) in POSIX seconds.
+
+    The default is Monday 00:00 UTC to the next; see `BudgetReset` for the
+    others. Pure: the time zone rules come from the zone's data, not the clock.
+    """
+    if reset.anchor is not None:
+        start = now - ((now - reset.anchor) % WEEK_SECONDS)
+        return start, start + WEEK_SECONDS
+    if reset == _MONDAY_UTC:
+        start = now - ((now - _FIRST_MONDAY) % WEEK_SECONDS)  # the common case, without datetime
+        return start, start + WEEK_SECONDS
+    zone = _zone(reset.timezone)
+    local = datetime.fromtimestamp(now, zone)
+    start_local = (local - timedelta(days=(local.weekday() - reset.weekday) % 7)).replace(
+        hour=reset.hour, minute=reset.minute, second=0, microsecond=0
+    )
+    if start_local > local:
+        start_local -= timedelta(days=7)
+    # Aware datetime arithmetic is wall-clock arithmetic: next week, same local time.
+    return start_local.timestamp(), (start_local + timedelta(days=7)).timestamp()
+
+
+@functools.cache
+def _zone(name: str) -> ZoneInfo:
+    return ZoneInfo(name)
 
 
 def limit_micros(spec: SubscriptionSpec, threshold_ppm: int) -> int:

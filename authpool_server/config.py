@@ -26,10 +26,12 @@ import re
 from collections.abc import Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from pathlib import Path, PurePath
 from typing import Annotated, Any, Literal, Self
 from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
     BaseModel,
@@ -49,6 +51,7 @@ from pydantic.alias_generators import to_camel
 from authpool_server.domain import (
     MICROS_PER_UNIT,
     PPM,
+    BudgetReset,
     FallbackSpec,
     PoolSpec,
     RebalancePolicy,
@@ -204,6 +207,53 @@ class _Model(BaseModel):
     )
 
 
+_WEEKDAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
+
+
+class BudgetResetConfig(_Model):
+    """When weekly budgets reset: a weekday and wall-clock time in a zone, or an anchor time."""
+
+    weekday: Literal["monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"] = "monday"
+    hour: int = Field(default=0, ge=0, le=23)
+    minute: int = Field(default=0, ge=0, le=59)
+    timezone: str = "UTC"
+    # An ISO 8601 time with its offset, e.g. "2026-01-07T09:30:00+01:00": the
+    # budget resets every 7 x 24 hours from then (the weekday and hour are ignored).
+    anchor: str | None = None
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r}; use an IANA name such as 'Europe/Berlin'") from None
+        return value
+
+    @field_validator("anchor")
+    @classmethod
+    def _aware_time(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            moment = datetime.fromisoformat(value)
+        except ValueError:
+            raise ValueError("must be an ISO 8601 time such as '2026-01-07T09:30:00+01:00'") from None
+        if moment.tzinfo is None:
+            raise ValueError("must carry its UTC offset, e.g. '+00:00', so it means one moment")
+        return value
+
+    def to_spec(self) -> BudgetReset:
+        anchor = None if self.anchor is None else datetime.fromisoformat(self.anchor).timestamp()
+        return BudgetReset(
+            weekday=_WEEKDAYS.index(self.weekday),
+            hour=self.hour,
+            minute=self.minute,
+            timezone=self.timezone,
+            anchor=anchor,
+        )
+
+
 class SubscriptionConfig(_Model):
     """One entry of ``subscriptions``; after validation `config_dir` is the resolved path."""
 
@@ -213,6 +263,8 @@ class SubscriptionConfig(_Model):
     config_dir: str
     weekly_budget: Budget
     max_clients_per_sub: int | None = Field(default=None, ge=1)
+    # Overrides the pool's budgetReset for a subscription that resets at its own moment.
+    budget_reset: BudgetResetConfig | None = None
 
     @field_validator("id")
     @classmethod
@@ -322,6 +374,7 @@ class PoolConfig(_Model):
     data_dir: str = Field(default="./var", min_length=1)
     credentials_root: str = Field(default_factory=lambda: str(Path.home()), validate_default=True)
     lease_ttl_seconds: float = Field(default=60.0, gt=0)
+    budget_reset: BudgetResetConfig = BudgetResetConfig()
     cooldown_seconds: float = Field(default=300.0, ge=0)
     auth_failure_limit: int = Field(default=3, ge=1)
     error_window_seconds: float = Field(default=900.0, gt=0)
@@ -542,6 +595,7 @@ def _pool_spec(raw: PoolConfig) -> PoolSpec:
             max_clients=(
                 s.max_clients_per_sub if s.max_clients_per_sub is not None else raw.max_clients_per_subscription
             ),
+            reset=(s.budget_reset or raw.budget_reset).to_spec(),
         )
         for s in raw.subscriptions
     )

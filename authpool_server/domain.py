@@ -15,6 +15,7 @@ PPM = 1_000_000  # parts per million, for ratios kept as integers
 __all__ = [
     "MICROS_PER_UNIT",
     "PPM",
+    "BudgetReset",
     "DecisionKind",
     "EndedLease",
     "Event",
@@ -64,6 +65,23 @@ class EventType(StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
+class BudgetReset:
+    """When a weekly budget window starts.
+
+    Either every `weekday` (0 = Monday) at `hour`:`minute` wall-clock time in
+    `timezone` (an IANA name; the window follows daylight saving time), or,
+    when `anchor` is set, every 7 x 24 hours from that POSIX time, for a
+    subscription that resets at its own moment.
+    """
+
+    weekday: int = 0
+    hour: int = 0
+    minute: int = 0
+    timezone: str = "UTC"
+    anchor: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class SubscriptionSpec:
     """One subscription as configured."""
 
@@ -73,6 +91,7 @@ class SubscriptionSpec:
     credential_ref: str
     weekly_budget_micros: int
     max_clients: int
+    reset: BudgetReset = field(default_factory=BudgetReset)
 
 
 @dataclass(frozen=True, slots=True)

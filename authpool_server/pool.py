@@ -116,6 +116,8 @@ class SubscriptionView:
     window_usage_micros: int
     forecast: Forecast
     error_rate: float
+    window_start: float
+    window_end: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,8 +125,6 @@ class PoolStatus:
     subscriptions: tuple[SubscriptionView, ...]
     fallback_clients: int
     fallback_usage_micros: int
-    window_start: float
-    window_end: float
     last_sequence: int
     leases: tuple[Lease, ...]
     as_of: float
@@ -170,7 +170,6 @@ class Pool:
         # as they change so a decision never rebuilds them (Allocate is the hot path).
         self._ledgers: dict[str, SubscriptionLedger] = {}
         self._statuses: dict[str, SubscriptionStatus] = {}
-        self._window = (0.0, 0.0)
         self._usage_log: deque[UsageRecord] = deque()  # in time order, for pruning
         self._request_ids: dict[str, str] = {}  # request id -> subscription charged
         self._fallback_usage = 0
@@ -223,8 +222,10 @@ class Pool:
         self._leases = {lease.lease_id: lease for lease in snapshot.live_leases}
         self._lease_of_client = {lease.client_id: lease.lease_id for lease in snapshot.live_leases}
         self._ended = {ended.lease.lease_id: ended for ended in snapshot.ended_leases}
-        self._window = balancer.window_bounds(now)
-        self._ledgers = {spec.id: SubscriptionLedger(spec, self.spec, self._window) for spec in self.spec.subscriptions}
+        self._ledgers = {
+            spec.id: SubscriptionLedger(spec, self.spec, balancer.window_bounds(now, spec.reset))
+            for spec in self.spec.subscriptions
+        }
         for flags in snapshot.flags:
             if flags.subscription_id in self._ledgers:
                 self._ledgers[flags.subscription_id].set_flags(flags)
@@ -261,19 +262,17 @@ class Pool:
                 log.warning("state reloaded from the store after a failed write")
                 return
 
-    def _roll_window(self, now: float) -> None:
-        self._window = balancer.window_bounds(now)
-        spent = self._usage_since(self._window[0])
-        for subscription_id, ledger in self._ledgers.items():
-            ledger.roll(self._window, spent[subscription_id])
+    def _roll_window(self, ledger: SubscriptionLedger, now: float) -> None:
+        window = balancer.window_bounds(now, ledger.spec.reset)
+        ledger.roll(window, self._usage_since(ledger.spec.id, window[0]))
 
-    def _usage_since(self, start: float) -> dict[str, int]:
-        """Pool spend per subscription from `start` on, from the usage log."""
-        spent = {spec.id: 0 for spec in self.spec.subscriptions}
-        for record in self._usage_log:
-            if not record.fallback and record.at >= start and record.subscription_id in spent:
-                spent[record.subscription_id] += record.cost_micros
-        return spent
+    def _usage_since(self, subscription_id: str, start: float) -> int:
+        """A subscription's spend from `start` on, from the usage log."""
+        return sum(
+            record.cost_micros
+            for record in self._usage_log
+            if record.subscription_id == subscription_id and not record.fallback and record.at >= start
+        )
 
     # -- helpers -------------------------------------------------------------
 
@@ -320,12 +319,11 @@ class Pool:
             )
 
     def _advance(self, now: float, batch: WriteBatch) -> None:
-        """Roll the budget window when `now` has left it."""
-        if now < self._window[1]:
-            return
-        self._roll_window(now)
-        for subscription_id in self._ledgers:
-            self._note_status(subscription_id, batch, now)
+        """Roll every budget window that `now` has left."""
+        for subscription_id, ledger in self._ledgers.items():
+            if now >= ledger.window[1]:
+                self._roll_window(ledger, now)
+                self._note_status(subscription_id, batch, now)
 
     def _live_lease(self, lease_id: str, now: float, batch: WriteBatch) -> Lease | None:
         lease = self._leases.get(lease_id)
@@ -657,22 +655,19 @@ class Pool:
     def status(self, *, include_clients: bool = False) -> PoolStatus:
         """The pool's state now (decisions in flight included)."""
         now = self._clock()
-        window_start, window_end = self._window
-        loads = self._loads(now)
-        if now >= window_end:
-            # The window ended since the last change; the next change (or the
-            # reaper, within seconds) rolls it. Until then, read the new window.
-            window_start, window_end = balancer.window_bounds(now)
-            spent = self._usage_since(window_start)
-            loads = [
-                replace(
+        loads = []
+        for load in self._loads(now):
+            if now >= load.window_end:
+                # The window ended since the last change; the next change (or
+                # the reaper, within seconds) rolls it. Until then, read the new one.
+                start, end = balancer.window_bounds(now, load.spec.reset)
+                load = replace(
                     load,
-                    window_usage_micros=spent.get(load.spec.id, 0),
-                    window_start=window_start,
-                    window_end=window_end,
+                    window_usage_micros=self._usage_since(load.spec.id, start),
+                    window_start=start,
+                    window_end=end,
                 )
-                for load in loads
-            ]
+            loads.append(load)
         views = tuple(
             SubscriptionView(
                 spec=load.spec,
@@ -682,6 +677,8 @@ class Pool:
                 window_usage_micros=load.window_usage_micros,
                 forecast=balancer.forecast(load, self.spec, now),
                 error_rate=load.recent_errors / load.recent_requests if load.recent_requests else 0.0,
+                window_start=load.window_start,
+                window_end=load.window_end,
             )
             for load in loads
         )
@@ -690,8 +687,6 @@ class Pool:
             subscriptions=views,
             fallback_clients=sum(1 for lease in leases if lease.fallback),
             fallback_usage_micros=self._fallback_usage,
-            window_start=window_start,
-            window_end=window_end,
             last_sequence=self.events.last_sequence,
             leases=leases if include_clients else (),
             as_of=now,
@@ -766,7 +761,9 @@ class Pool:
 
     def _prune(self, now: float, batch: WriteBatch) -> None:
         # Never prune the current window: its spend is what budgets are checked against.
-        usage_before = min(now - self.spec.usage_retention_seconds, self._window[0])
+        usage_before = min(
+            now - self.spec.usage_retention_seconds, *(ledger.window[0] for ledger in self._ledgers.values())
+        )
         while self._usage_log and self._usage_log[0].at < usage_before:
             record = self._usage_log.popleft()
             self._request_ids.pop(record.request_id, None)

@@ -197,7 +197,6 @@ class AuthPoolService(authpool_pb2_grpc.AuthPoolServicer):
     @_errors_as_status
     async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusResponse:
         status = self._pool.status(include_clients=request.include_clients)
-        window_start, window_end = _timestamp(status.window_start), _timestamp(status.window_end)
         subscriptions = [
             pb.SubscriptionState(
                 subscription_id=view.spec.id,
@@ -210,8 +209,8 @@ class AuthPoolService(authpool_pb2_grpc.AuthPoolServicer):
                 weekly_usage_micros=view.window_usage_micros,
                 weekly_budget_micros=view.spec.weekly_budget_micros,
                 utilization=view.window_usage_micros / view.spec.weekly_budget_micros,
-                window_start=window_start,
-                window_end=window_end,
+                window_start=_timestamp(view.window_start),
+                window_end=_timestamp(view.window_end),
                 spend_rate_micros_per_hour=view.forecast.spend_rate_micros_per_hour,
                 projected_window_usage_micros=view.forecast.projected_window_spend_micros,
                 seconds_to_threshold=view.forecast.seconds_to_threshold,

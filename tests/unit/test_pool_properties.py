@@ -396,7 +396,7 @@ class Driver:
             expected = sum(
                 record.cost
                 for record in self.acked.values()
-                if record.subscription_id == sub_view.spec.id and record.at >= status.window_start
+                if record.subscription_id == sub_view.spec.id and record.at >= sub_view.window_start
             )
             assert sub_view.window_usage_micros == expected, (where, sub_view)
         fallback = sum(record.cost for record in self.acked.values() if record.fallback)
