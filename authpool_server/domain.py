@@ -197,6 +197,11 @@ class UsageRecord:
     output_tokens: int
     model: str
     outcome: Outcome
+    # What the provider said about this subscription's weekly allowance with
+    # this response (as rate-limit headers give it), if anything: the share
+    # left in parts per million, and when its window resets (0 if not said).
+    provider_remaining_ppm: int | None = None
+    provider_reset_at: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

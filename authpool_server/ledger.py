@@ -17,7 +17,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from authpool_server.balancer import SubscriptionLoad
-from authpool_server.domain import Outcome, PoolSpec, SubscriptionSpec
+from authpool_server.domain import PPM, BudgetReset, Outcome, PoolSpec, SubscriptionSpec
 
 __all__ = ["SubscriptionFlags", "SubscriptionLedger"]
 
@@ -40,10 +40,13 @@ class SubscriptionLedger:
         "_load",
         "_outcomes",
         "_pool",
+        "_provider_used",
         "_recent_errors",
         "_recent_spend",
+        "_since_provider",
         "_spend",
         "flags",
+        "learned_anchor",
         "live_clients",
         "rate_limited_at",
         "spec",
@@ -65,6 +68,24 @@ class SubscriptionLedger:
         self._outcomes: deque[tuple[float, bool]] = deque()
         self._recent_errors = 0
         self._load: SubscriptionLoad | None = None
+        # The provider's own account, when it gave one this window: what it
+        # says is used, plus what we recorded since it said so.
+        self._provider_used: int | None = None
+        self._since_provider = 0
+        # A reset time the provider announced; budget windows then run from it.
+        self.learned_anchor: float | None = None
+
+    @property
+    def reset(self) -> BudgetReset:
+        """When this subscription's budget window resets: the provider's word beats the config."""
+        return self.spec.reset if self.learned_anchor is None else BudgetReset(anchor=self.learned_anchor)
+
+    @property
+    def window_spend(self) -> int:
+        """Spend in the window, as the provider last reported it if it did, else as we counted it."""
+        if self._provider_used is None:
+            return self.window_usage
+        return self._provider_used + self._since_provider
 
     @property
     def disabled(self) -> bool:
@@ -84,12 +105,32 @@ class SubscriptionLedger:
         """Enter a new budget window in which `usage` has been spent so far."""
         self.window = window
         self.window_usage = usage
+        self._provider_used = None
+        self._since_provider = 0
         self._load = None
 
-    def record(self, at: float, cost_micros: int, outcome: Outcome) -> None:
-        """Count one provider request made on this subscription at `at`."""
+    def record(
+        self,
+        at: float,
+        cost_micros: int,
+        outcome: Outcome,
+        *,
+        provider_remaining_ppm: int | None = None,
+        provider_reset_at: float = 0.0,
+    ) -> None:
+        """Count one provider request made on this subscription at `at`, and what the provider said."""
         if at >= self.window[0]:
             self.window_usage += cost_micros
+            self._since_provider += cost_micros
+        if provider_reset_at > at:
+            # The provider says when its window ends: ours ends then too, and
+            # the next ones run a week at a time from there.
+            self.learned_anchor = provider_reset_at
+            self.window = (self.window[0], provider_reset_at)
+        if provider_remaining_ppm is not None and at >= self.window[0]:
+            budget = self.spec.weekly_budget_micros
+            self._provider_used = budget - budget * provider_remaining_ppm // PPM
+            self._since_provider = 0
         self._spend.append((at, cost_micros))
         self._recent_spend += cost_micros
         error = outcome in _ERRORS
@@ -111,7 +152,7 @@ class SubscriptionLedger:
             self._load = SubscriptionLoad(
                 spec=self.spec,
                 live_clients=self.live_clients,
-                window_usage_micros=self.window_usage,
+                window_usage_micros=self.window_spend,
                 window_start=self.window[0],
                 window_end=self.window[1],
                 recent_spend_micros=self._recent_spend,

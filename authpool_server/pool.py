@@ -91,6 +91,8 @@ class UsageReport:
     output_tokens: int
     model: str
     outcome: Outcome
+    provider_remaining_ppm: int | None = None
+    provider_reset_at: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,7 +244,13 @@ class Pool:
             if record.fallback:
                 self._fallback_usage += record.cost_micros
             elif record.subscription_id in self._ledgers and record.at <= now:
-                self._ledgers[record.subscription_id].record(record.at, record.cost_micros, record.outcome)
+                self._ledgers[record.subscription_id].record(
+                    record.at,
+                    record.cost_micros,
+                    record.outcome,
+                    provider_remaining_ppm=record.provider_remaining_ppm,
+                    provider_reset_at=record.provider_reset_at,
+                )
         self._statuses = {sid: self._status(sid, now) for sid in self._ledgers}
 
     async def _reload(self) -> None:
@@ -263,7 +271,7 @@ class Pool:
                 return
 
     def _roll_window(self, ledger: SubscriptionLedger, now: float) -> None:
-        window = balancer.window_bounds(now, ledger.spec.reset)
+        window = balancer.window_bounds(now, ledger.reset)
         ledger.roll(window, self._usage_since(ledger.spec.id, window[0]))
 
     def _usage_since(self, subscription_id: str, start: float) -> int:
@@ -600,6 +608,8 @@ class Pool:
             output_tokens=report.output_tokens,
             model=report.model,
             outcome=report.outcome,
+            provider_remaining_ppm=report.provider_remaining_ppm,
+            provider_reset_at=report.provider_reset_at,
         )
         self._request_ids[report.request_id] = subscription_id
         self._usage_log.append(record)
@@ -607,7 +617,13 @@ class Pool:
         if fallback:
             self._fallback_usage += record.cost_micros
         elif subscription_id in self._ledgers:
-            self._ledgers[subscription_id].record(now, record.cost_micros, record.outcome)
+            self._ledgers[subscription_id].record(
+                now,
+                record.cost_micros,
+                record.outcome,
+                provider_remaining_ppm=record.provider_remaining_ppm,
+                provider_reset_at=record.provider_reset_at,
+            )
         if lease.lease_id in self._leases:
             self._store_lease(replace(lease, last_used_at=now), batch)
         self._event(
@@ -660,7 +676,7 @@ class Pool:
             if now >= load.window_end:
                 # The window ended since the last change; the next change (or
                 # the reaper, within seconds) rolls it. Until then, read the new one.
-                start, end = balancer.window_bounds(now, load.spec.reset)
+                start, end = balancer.window_bounds(now, self._ledgers[load.spec.id].reset)
                 load = replace(
                     load,
                     window_usage_micros=self._usage_since(load.spec.id, start),

@@ -18,7 +18,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from authpool_server.api import authpool_pb2 as pb
 from authpool_server.api import authpool_pb2_grpc
-from authpool_server.domain import DecisionKind, Event, EventType, Lease, Outcome, PoolSpec, SubscriptionStatus
+from authpool_server.domain import PPM, DecisionKind, Event, EventType, Lease, Outcome, PoolSpec, SubscriptionStatus
 from authpool_server.errors import AuthPoolError
 from authpool_server.pool import Pool, UsageReport
 from authpool_server.rpc_errors import to_status
@@ -179,6 +179,16 @@ class AuthPoolService(authpool_pb2_grpc.AuthPoolServicer):
         check.text("model", request.model, max_length=128)
         if request.outcome not in _OUTCOME:
             check.add("outcome", f"unknown outcome {request.outcome}")
+        limits = request.provider_limits
+        remaining_ppm = None
+        if limits.HasField("remaining_fraction"):
+            if not 0.0 <= limits.remaining_fraction <= 1.0:  # also false for NaN
+                check.add("provider_limits.remaining_fraction", "must be between 0 and 1")
+            else:
+                remaining_ppm = round(limits.remaining_fraction * PPM)
+        reset_at = limits.reset_time.ToNanoseconds() / 1e9 if limits.HasField("reset_time") else 0.0
+        if reset_at < 0:
+            check.add("provider_limits.reset_time", "must be after 1970")
         check.raise_if_any()
         ack = await self._pool.report_usage(
             UsageReport(
@@ -190,6 +200,8 @@ class AuthPoolService(authpool_pb2_grpc.AuthPoolServicer):
                 output_tokens=request.output_tokens,
                 model=request.model,
                 outcome=_OUTCOME[request.outcome],
+                provider_remaining_ppm=remaining_ppm,
+                provider_reset_at=reset_at,
             )
         )
         return pb.ReportUsageResponse(duplicate=ack.duplicate, subscription_id=ack.subscription_id)

@@ -508,6 +508,7 @@ class ReportUsageRequest(_message.Message):
     OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
     OUTCOME_FIELD_NUMBER: _builtins.int
+    PROVIDER_LIMITS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Required. Chosen by the caller, unique per provider request (a UUID is
     ideal); a retry with the same id is acknowledged without counting twice.
@@ -533,6 +534,13 @@ class ReportUsageRequest(_message.Message):
     """The model used, e.g. "claude-sonnet-4". Up to 128 characters."""
     outcome: Global___UsageOutcome.ValueType
     """How the request ended."""
+    @_builtins.property
+    def provider_limits(self) -> Global___ProviderLimits:
+        """Optional. What the provider's response said about the subscription's
+        weekly allowance (e.g. from its rate-limit headers). AuthPool trusts it
+        over its own estimate for that subscription until the window resets.
+        """
+
     def __init__(
         self,
         *,
@@ -544,14 +552,45 @@ class ReportUsageRequest(_message.Message):
         output_tokens: _builtins.int = ...,
         model: _builtins.str = ...,
         outcome: Global___UsageOutcome.ValueType = ...,
+        provider_limits: Global___ProviderLimits | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["provider_limits", b"provider_limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost_micros", b"cost_micros", "fencing_token", b"fencing_token", "input_tokens", b"input_tokens", "lease_id", b"lease_id", "model", b"model", "outcome", b"outcome", "output_tokens", b"output_tokens", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost_micros", b"cost_micros", "fencing_token", b"fencing_token", "input_tokens", b"input_tokens", "lease_id", b"lease_id", "model", b"model", "outcome", b"outcome", "output_tokens", b"output_tokens", "provider_limits", b"provider_limits", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReportUsageRequest: _TypeAlias = ReportUsageRequest  # noqa: Y015
+
+@_typing.final
+class ProviderLimits(_message.Message):
+    """ProviderLimits is the provider's own account of a subscription's allowance."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REMAINING_FRACTION_FIELD_NUMBER: _builtins.int
+    RESET_TIME_FIELD_NUMBER: _builtins.int
+    remaining_fraction: _builtins.float
+    """The share of the window's allowance left, from 0 (spent) to 1."""
+    @_builtins.property
+    def reset_time(self) -> _timestamp_pb2.Timestamp:
+        """When the provider's window resets, if it said."""
+
+    def __init__(
+        self,
+        *,
+        remaining_fraction: _builtins.float | None = ...,
+        reset_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_remaining_fraction", b"_remaining_fraction", "remaining_fraction", b"remaining_fraction", "reset_time", b"reset_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_remaining_fraction", b"_remaining_fraction", "remaining_fraction", b"remaining_fraction", "reset_time", b"reset_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__remaining_fraction: _TypeAlias = _typing.Literal["remaining_fraction"]  # noqa: Y015
+    _WhichOneofArgType__remaining_fraction: _TypeAlias = _typing.Literal["_remaining_fraction", b"_remaining_fraction"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__remaining_fraction) -> _WhichOneofReturnType__remaining_fraction | None: ...
+
+Global___ProviderLimits: _TypeAlias = ProviderLimits  # noqa: Y015
 
 @_typing.final
 class ReportUsageResponse(_message.Message):

@@ -24,7 +24,14 @@ from authpool_server.store.base import Snapshot, WriteBatch
 
 __all__ = ["SQLiteStore"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# What each version adds to the one before; applied in order at start.
+_MIGRATIONS = {
+    2: (
+        "ALTER TABLE usage ADD COLUMN provider_remaining_ppm INTEGER",
+        "ALTER TABLE usage ADD COLUMN provider_reset_at REAL NOT NULL DEFAULT 0",
+    ),
+}
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
@@ -58,7 +65,9 @@ CREATE TABLE IF NOT EXISTS usage (
     input_tokens    INTEGER NOT NULL,
     output_tokens   INTEGER NOT NULL,
     model           TEXT NOT NULL,
-    outcome         TEXT NOT NULL
+    outcome         TEXT NOT NULL,
+    provider_remaining_ppm INTEGER,
+    provider_reset_at      REAL NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS usage_at ON usage (at);
 CREATE TABLE IF NOT EXISTS subscription_flags (
@@ -194,9 +203,11 @@ class SQLiteStore:
         self._writer.executescript(_SCHEMA)
         version = self._meta("schema_version")
         if version is None:
-            self._writer.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            self._writer.execute(_SET_META, ("schema_version", str(SCHEMA_VERSION)))
         elif int(version) > SCHEMA_VERSION:
             raise RuntimeError(f"{self.path} has schema version {version}, newer than this server's {SCHEMA_VERSION}")
+        else:
+            self._migrate(int(version))
         return self._load()
 
     async def load(self) -> Snapshot:
@@ -223,6 +234,8 @@ class SQLiteStore:
                 output_tokens=r["output_tokens"],
                 model=r["model"],
                 outcome=Outcome(r["outcome"]),
+                provider_remaining_ppm=r["provider_remaining_ppm"],
+                provider_reset_at=r["provider_reset_at"],
             )
             for r in conn.execute("SELECT * FROM usage")
         ]
@@ -236,6 +249,15 @@ class SQLiteStore:
             for r in conn.execute("SELECT * FROM subscription_flags")
         ]
         return Snapshot(live, ended, usage, last_sequence, token, flags)
+
+    def _migrate(self, version: int) -> None:
+        assert self._writer is not None
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            self._writer.execute("BEGIN IMMEDIATE")
+            for statement in _MIGRATIONS[target]:
+                self._writer.execute(statement)
+            self._writer.execute(_SET_META, ("schema_version", str(target)))
+            self._writer.execute("COMMIT")
 
     def _meta(self, key: str) -> str | None:
         assert self._writer is not None
@@ -272,7 +294,7 @@ class SQLiteStore:
                 conn.executemany(_UPSERT_LEASE, [_lease_row(e.lease, e.ended_at) for e in batch.ended])
             if batch.usage:
                 conn.executemany(
-                    "INSERT OR IGNORE INTO usage VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT OR IGNORE INTO usage VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [
                         (
                             u.request_id,
@@ -286,6 +308,8 @@ class SQLiteStore:
                             u.output_tokens,
                             u.model,
                             u.outcome.value,
+                            u.provider_remaining_ppm,
+                            u.provider_reset_at,
                         )
                         for u in batch.usage
                     ],
