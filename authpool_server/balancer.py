@@ -51,6 +51,7 @@ from authpool_server.domain import (
     PPM,
     BudgetReset,
     DecisionKind,
+    ExtraWindow,
     Lease,
     PoolSpec,
     SubscriptionSpec,
@@ -77,6 +78,7 @@ __all__ = [
     "cooling_down",
     "decide_allocation",
     "decide_renewal",
+    "extra_window_bounds",
     "forecast",
     "health_score",
     "plan_rebalance",
@@ -103,6 +105,10 @@ class SubscriptionLoad:
     rate_limited_at: float = 0.0
     disabled: bool = False
     draining: bool = False
+    # Spend in each of the spec's extra windows, in the same order, and when
+    # each ends.
+    extra_usage_micros: tuple[int, ...] = ()
+    extra_window_ends: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +173,23 @@ def window_bounds(now: float, reset: BudgetReset = _MONDAY_UTC) -> tuple[float, 
     return start_local.timestamp(), (start_local + timedelta(days=7)).timestamp()
 
 
+def extra_window_bounds(now: float, window: ExtraWindow) -> tuple[float, float]:
+    """The extra window holding `now`."""
+    start = now - ((now - window.anchor) % window.length_seconds)
+    return start, start + window.length_seconds
+
+
+def _extra_status(load: SubscriptionLoad, threshold_ppm: int) -> SubscriptionStatus:
+    """The tightest of the extra windows: a spent one serves nobody until it resets."""
+    status = SubscriptionStatus.ACTIVE
+    for window, spent in zip(load.spec.extra_windows, load.extra_usage_micros, strict=True):
+        if spent >= window.budget_micros:
+            return SubscriptionStatus.EXHAUSTED
+        if spent >= window.budget_micros * threshold_ppm // PPM:
+            status = SubscriptionStatus.LIMITED
+    return status
+
+
 @functools.cache
 def _zone(name: str) -> ZoneInfo:
     return ZoneInfo(name)
@@ -188,9 +211,14 @@ def subscription_status(load: SubscriptionLoad, pool: PoolSpec, now: float) -> S
     if load.draining:
         return SubscriptionStatus.DRAINING
     usage = load.window_usage_micros
-    if usage >= load.spec.weekly_budget_micros:
+    extra = _extra_status(load, pool.threshold_ppm) if load.extra_usage_micros else SubscriptionStatus.ACTIVE
+    if usage >= load.spec.weekly_budget_micros or extra is SubscriptionStatus.EXHAUSTED:
         return SubscriptionStatus.EXHAUSTED
-    if usage >= limit_micros(load.spec, pool.threshold_ppm) or cooling_down(load, pool, now):
+    if (
+        usage >= limit_micros(load.spec, pool.threshold_ppm)
+        or extra is SubscriptionStatus.LIMITED
+        or cooling_down(load, pool, now)
+    ):
         return SubscriptionStatus.LIMITED
     return SubscriptionStatus.ACTIVE
 
@@ -216,7 +244,7 @@ def forecast(load: SubscriptionLoad, pool: PoolSpec, now: float) -> Forecast:
 
 def health_score(load: SubscriptionLoad, pool: PoolSpec, now: float) -> int:
     """Health from 0 to 100; the formula is in the module docstring."""
-    if load.disabled or load.window_usage_micros >= load.spec.weekly_budget_micros:
+    if subscription_status(load, pool, now) in (SubscriptionStatus.EXHAUSTED, SubscriptionStatus.DISABLED):
         return 0
     limit = max(1, limit_micros(load.spec, pool.threshold_ppm))
     projected = forecast(load, pool, now).projected_window_spend_micros
@@ -254,6 +282,8 @@ def _best_subscription(
             continue
         # subscription_status(...) is ACTIVE, spelled out: this loop is the hot path.
         if load.disabled or load.draining or cooling_down(load, pool, now):
+            continue
+        if load.extra_usage_micros and _extra_status(load, threshold) is not SubscriptionStatus.ACTIVE:
             continue
         limit = spec.weekly_budget_micros * threshold // PPM
         if load.window_usage_micros >= limit:

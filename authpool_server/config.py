@@ -52,6 +52,7 @@ from authpool_server.domain import (
     MICROS_PER_UNIT,
     PPM,
     BudgetReset,
+    ExtraWindow,
     FallbackSpec,
     PoolSpec,
     RebalancePolicy,
@@ -207,6 +208,18 @@ class _Model(BaseModel):
     )
 
 
+def _aware_iso_time(value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError("must be an ISO 8601 time such as '2026-01-07T09:30:00+01:00'") from None
+    if moment.tzinfo is None:
+        raise ValueError("must carry its UTC offset, e.g. '+00:00', so it means one moment")
+    return value
+
+
 _WEEKDAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
 
 
@@ -233,15 +246,7 @@ class BudgetResetConfig(_Model):
     @field_validator("anchor")
     @classmethod
     def _aware_time(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        try:
-            moment = datetime.fromisoformat(value)
-        except ValueError:
-            raise ValueError("must be an ISO 8601 time such as '2026-01-07T09:30:00+01:00'") from None
-        if moment.tzinfo is None:
-            raise ValueError("must carry its UTC offset, e.g. '+00:00', so it means one moment")
-        return value
+        return _aware_iso_time(value)
 
     def to_spec(self) -> BudgetReset:
         anchor = None if self.anchor is None else datetime.fromisoformat(self.anchor).timestamp()
@@ -251,6 +256,29 @@ class BudgetResetConfig(_Model):
             minute=self.minute,
             timezone=self.timezone,
             anchor=anchor,
+        )
+
+
+class ExtraWindowConfig(_Model):
+    """A shorter limit beside the weekly budget, such as Claude's five-hour sessions."""
+
+    name: str = Field(min_length=1, max_length=64)
+    length_hours: Exact = Field(gt=0)
+    budget: Budget
+    # Periods follow one another from this ISO 8601 time (default: the Unix epoch).
+    anchor: str | None = None
+
+    @field_validator("anchor")
+    @classmethod
+    def _aware_time(cls, value: str | None) -> str | None:
+        return _aware_iso_time(value)
+
+    def to_spec(self) -> ExtraWindow:
+        return ExtraWindow(
+            name=self.name,
+            length_seconds=float(self.length_hours * 3600),
+            budget_micros=_scaled(self.budget, MICROS_PER_UNIT),
+            anchor=0.0 if self.anchor is None else datetime.fromisoformat(self.anchor).timestamp(),
         )
 
 
@@ -265,6 +293,8 @@ class SubscriptionConfig(_Model):
     max_clients_per_sub: int | None = Field(default=None, ge=1)
     # Overrides the pool's budgetReset for a subscription that resets at its own moment.
     budget_reset: BudgetResetConfig | None = None
+    # Shorter limits beside the weekly budget, e.g. [{"name": "session", "lengthHours": 5, "budget": 20}].
+    windows: tuple[ExtraWindowConfig, ...] = Field(default=(), strict=False)
 
     @field_validator("id")
     @classmethod
@@ -596,6 +626,7 @@ def _pool_spec(raw: PoolConfig) -> PoolSpec:
                 s.max_clients_per_sub if s.max_clients_per_sub is not None else raw.max_clients_per_subscription
             ),
             reset=(s.budget_reset or raw.budget_reset).to_spec(),
+            extra_windows=tuple(window.to_spec() for window in s.windows),
         )
         for s in raw.subscriptions
     )

@@ -20,6 +20,7 @@ __all__ = [
     "EndedLease",
     "Event",
     "EventType",
+    "ExtraWindow",
     "FallbackSpec",
     "Lease",
     "Outcome",
@@ -82,6 +83,20 @@ class BudgetReset:
 
 
 @dataclass(frozen=True, slots=True)
+class ExtraWindow:
+    """A shorter limit beside the weekly budget, e.g. a five-hour session allowance.
+
+    Windows of `length_seconds` follow one another from `anchor` (POSIX
+    seconds); spend within one may not pass `budget_micros`.
+    """
+
+    name: str
+    length_seconds: float
+    budget_micros: int
+    anchor: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
 class SubscriptionSpec:
     """One subscription as configured."""
 
@@ -92,6 +107,7 @@ class SubscriptionSpec:
     weekly_budget_micros: int
     max_clients: int
     reset: BudgetReset = field(default_factory=BudgetReset)
+    extra_windows: tuple[ExtraWindow, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,6 +45,8 @@ class SubscriptionLedger:
         "_recent_spend",
         "_since_provider",
         "_spend",
+        "extra_usage",
+        "extra_windows",
         "flags",
         "learned_anchor",
         "live_clients",
@@ -74,6 +76,9 @@ class SubscriptionLedger:
         self._since_provider = 0
         # A reset time the provider announced; budget windows then run from it.
         self.learned_anchor: float | None = None
+        # The spec's extra windows: where each now stands and what was spent in it.
+        self.extra_windows: list[tuple[float, float]] = [(0.0, 0.0)] * len(spec.extra_windows)
+        self.extra_usage: list[int] = [0] * len(spec.extra_windows)
 
     @property
     def reset(self) -> BudgetReset:
@@ -109,6 +114,12 @@ class SubscriptionLedger:
         self._since_provider = 0
         self._load = None
 
+    def roll_extra(self, index: int, window: tuple[float, float], usage: int) -> None:
+        """Enter a new period of extra window `index`, with `usage` spent in it so far."""
+        self.extra_windows[index] = window
+        self.extra_usage[index] = usage
+        self._load = None
+
     def record(
         self,
         at: float,
@@ -122,6 +133,9 @@ class SubscriptionLedger:
         if at >= self.window[0]:
             self.window_usage += cost_micros
             self._since_provider += cost_micros
+        for index, (start, _) in enumerate(self.extra_windows):
+            if at >= start:
+                self.extra_usage[index] += cost_micros
         if provider_reset_at > at:
             # The provider says when its window ends: ours ends then too, and
             # the next ones run a week at a time from there.
@@ -161,6 +175,8 @@ class SubscriptionLedger:
                 rate_limited_at=self.rate_limited_at,
                 disabled=self.disabled,
                 draining=self.flags.draining,
+                extra_usage_micros=tuple(self.extra_usage),
+                extra_window_ends=tuple(end for _, end in self.extra_windows),
             )
         return self._load
 

@@ -228,6 +228,9 @@ class Pool:
             spec.id: SubscriptionLedger(spec, self.spec, balancer.window_bounds(now, spec.reset))
             for spec in self.spec.subscriptions
         }
+        for ledger in self._ledgers.values():
+            for index, window in enumerate(ledger.spec.extra_windows):
+                ledger.roll_extra(index, balancer.extra_window_bounds(now, window), 0)
         for flags in snapshot.flags:
             if flags.subscription_id in self._ledgers:
                 self._ledgers[flags.subscription_id].set_flags(flags)
@@ -329,8 +332,16 @@ class Pool:
     def _advance(self, now: float, batch: WriteBatch) -> None:
         """Roll every budget window that `now` has left."""
         for subscription_id, ledger in self._ledgers.items():
+            rolled = False
             if now >= ledger.window[1]:
                 self._roll_window(ledger, now)
+                rolled = True
+            for index, (_, end) in enumerate(ledger.extra_windows):
+                if now >= end:
+                    window = balancer.extra_window_bounds(now, ledger.spec.extra_windows[index])
+                    ledger.roll_extra(index, window, self._usage_since(subscription_id, window[0]))
+                    rolled = True
+            if rolled:
                 self._note_status(subscription_id, batch, now)
 
     def _live_lease(self, lease_id: str, now: float, batch: WriteBatch) -> Lease | None:

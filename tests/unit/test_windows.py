@@ -11,7 +11,7 @@ import pytest
 
 from authpool_server.balancer import WEEK_SECONDS, window_bounds
 from authpool_server.config import ConfigError, load_config
-from authpool_server.domain import MICROS_PER_UNIT, BudgetReset, EventType, Outcome
+from authpool_server.domain import MICROS_PER_UNIT, BudgetReset, EventType, ExtraWindow, Outcome
 from authpool_server.pool import Pool, UsageReport
 from authpool_server.store.memory import MemoryStore
 from tests.conftest import FakeClock, make_spec
@@ -143,3 +143,58 @@ async def test_each_subscription_rolls_at_its_own_reset() -> None:
 def test_one_more_week_is_a_week_later() -> None:
     start, end = window_bounds(at("2026-06-10T10:00:00+02:00"), WEDNESDAY_9_BERLIN)
     assert datetime.fromtimestamp(end, BERLIN) - datetime.fromtimestamp(start, BERLIN) == timedelta(days=7)
+
+
+async def test_a_five_hour_session_limit_is_respected_beside_the_weekly_budget() -> None:
+    base = make_spec(2, budget_units=100)
+    session = ExtraWindow(name="session", length_seconds=5 * 3600, budget_micros=20 * MICROS_PER_UNIT)
+    spec = replace(
+        base, subscriptions=(replace(base.subscriptions[0], extra_windows=(session,)), base.subscriptions[1])
+    )
+    start = at("2026-11-25T10:00:00+00:00")  # a session boundary (a multiple of 5 h since the epoch)
+    clock = FakeClock(start + 60)
+    store = MemoryStore()
+    pool = Pool(spec, store, clock=clock)
+    await pool.start(background=False)
+    try:
+        lease = (await pool.allocate("c1")).lease
+        assert lease.subscription_id == "sub1"
+
+        async def spend(units: int, request_id: str) -> None:
+            cost = units * MICROS_PER_UNIT
+            await pool.report_usage(
+                UsageReport(request_id, lease.lease_id, lease.fencing_token, cost, 0, 0, "", Outcome.OK)
+            )
+
+        await spend(17, "r1")  # 85 % of the session: limited, though the week is barely touched
+        assert pool.status().subscriptions[0].status.value == "limited"
+        assert (await pool.allocate("c2")).lease.subscription_id == "sub2"
+        await spend(3, "r2")  # the session is spent
+        assert pool.status().subscriptions[0].status.value == "exhausted"
+        renewal = await pool.renew(lease.lease_id, lease.fencing_token)
+        assert renewal.moved
+
+        clock.now = start + 5 * 3600  # the next session
+        await pool.reap()
+        view = pool.status().subscriptions[0]
+        assert view.status.value == "active"
+        assert view.window_usage_micros == 20 * MICROS_PER_UNIT  # the week still remembers
+        changes = [
+            dict(e.attributes)["to"]
+            for e in store.events
+            if e.type is EventType.SUBSCRIPTION_STATUS_CHANGED and e.subscription_id == "sub1"
+        ]
+        assert changes == ["limited", "exhausted", "active"]
+    finally:
+        await pool.close()
+
+
+def test_config_reads_extra_windows(tmp_path: Path) -> None:
+    path = tmp_path / "auth-pool.json"
+    path.write_text(
+        '{"subscriptions": [{"id": "a", "email": "t@company.com", "type": "claude-pro", "configDir": "~/.a",'
+        ' "weeklyBudget": 100, "windows": [{"name": "session", "lengthHours": 5, "budget": 20}]}],'
+        f' "credentialsRoot": "{tmp_path}"}}'
+    )
+    (subscription,) = load_config(path, env={}).pool.subscriptions
+    assert subscription.extra_windows == (ExtraWindow("session", 5 * 3600.0, 20 * MICROS_PER_UNIT),)
