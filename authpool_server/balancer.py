@@ -393,6 +393,9 @@ def plan_rebalance(
     it on the least spent active subscription with room; no client moves twice.
     """
     policy = pool.rebalancing
+    if all(load.recent_spend_micros == 0 for load in loads):
+        # With nothing spent lately, moving idle clients changes no forecast.
+        return RebalancePlan((), "load is low: nothing was spent within the forecast horizon")
     active = [load for load in loads if subscription_status(load, pool, now) is SubscriptionStatus.ACTIVE]
     if len(active) < 2:
         return RebalancePlan((), "fewer than two active subscriptions; nothing to balance")

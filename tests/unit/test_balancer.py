@@ -71,7 +71,10 @@ def load(
     budget: int = 100 * U,
     max_clients: int = 2,
 ) -> SubscriptionLoad:
-    return SubscriptionLoad(sub(sid, type_=type_, budget=budget, max_clients=max_clients), live, usage)
+    # All spend counts as recent; with no window end set, forecasts equal today's spend.
+    return SubscriptionLoad(
+        sub(sid, type_=type_, budget=budget, max_clients=max_clients), live, usage, recent_spend_micros=usage
+    )
 
 
 def pool_of(
@@ -665,3 +668,45 @@ def test_decisions_depend_on_the_inputs_only_not_their_order(case: dict) -> None
     targets = [move.to_subscription_id for move in plan.moves]
     for sid in set(targets):
         assert by_id[sid].live_clients + targets.count(sid) <= by_id[sid].spec.max_clients
+
+
+def test_rebalancing_skips_when_nothing_was_spent_lately() -> None:
+    loads = [replace(load("sub1", live=1, usage=20 * U), recent_spend_micros=0), load("sub2")]
+    plan = plan_rebalance(loads, [lease("L1", "sub1", client="c1")], pool_of(*loads), NOW)
+    assert plan.moves == ()
+    assert "load is low" in plan.reason
+
+
+# -- cooldowns and forecasts, with the clock as a parameter ---------------------
+
+
+def test_a_cooldown_limits_until_it_runs_out() -> None:
+    spec = policy()
+    cooling = replace(load("s"), rate_limited_at=NOW)
+    assert subscription_status(cooling, spec, NOW + spec.cooldown_seconds - 1) is SubscriptionStatus.LIMITED
+    assert subscription_status(cooling, spec, NOW + spec.cooldown_seconds) is SubscriptionStatus.ACTIVE
+    assert health_score(cooling, spec, NOW + 1) == health_score(load("s"), spec, NOW) // 2
+
+
+def test_a_forecast_extrapolates_the_recent_rate_to_the_window_end() -> None:
+    start = window_bounds(NOW)[0]
+    spent = replace(
+        load("s", usage=12 * U), recent_spend_micros=6 * U, window_start=start, window_end=start + WEEK_SECONDS
+    )
+    result = balancer.forecast(spent, policy(), NOW)  # 6 units in the 6 h horizon: 1 unit an hour
+    assert result.spend_rate_micros_per_hour == U
+    hours_left = (start + WEEK_SECONDS - NOW) / 3600
+    assert result.projected_window_spend_micros == round(12 * U + hours_left * U)
+    assert result.seconds_to_threshold == pytest.approx((85 - 12) * 3600)
+    idle = replace(spent, recent_spend_micros=0)
+    assert balancer.forecast(idle, policy(), NOW).seconds_to_threshold is None
+
+
+def test_new_clients_go_where_projected_headroom_is_largest() -> None:
+    start = window_bounds(NOW)[0]
+    window = {"window_start": start, "window_end": start + WEEK_SECONDS}
+    # Same spend so far, but sub1 spends fast: by the end of the week it will have far less left.
+    fast = replace(load("sub1", usage=10 * U), recent_spend_micros=5 * U, **window)
+    slow = replace(load("sub2", usage=10 * U), recent_spend_micros=0, **window)
+    decision = placed(decide_allocation([fast, slow], pool_of(fast, slow), None, "", NOW))
+    assert decision.subscription_id == "sub2"
