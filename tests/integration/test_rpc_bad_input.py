@@ -20,10 +20,11 @@ import pytest
 from authpool_client.api import authpool_pb2 as pb
 from authpool_client.api import authpool_pb2_grpc
 from google.protobuf.message import Message
-from google.rpc import error_details_pb2, status_pb2
+from google.rpc import error_details_pb2
 
 from authpool_server.server import Server
 from tests.conftest import FakeClock, make_spec
+from tests.integration.rich_errors import error_details
 
 UNIT = 1_000_000
 DOMAIN = "authpool.v1"
@@ -40,24 +41,6 @@ async def status(stub: Stub) -> pb.StatusResponse:
     response = await stub.Status(pb.StatusRequest(include_clients=True))
     response.ClearField("as_of")
     return response
-
-
-def error_details(error: grpc.aio.AioRpcError) -> dict[type[Message], Message]:
-    """The `google.rpc` details of an error, by type (from grpc-status-details-bin)."""
-    raw = dict(error.trailing_metadata() or ()).get("grpc-status-details-bin")
-    assert raw is not None, f"{error.code()} {error.details()!r} carries no google.rpc.Status"
-    rich = status_pb2.Status.FromString(raw)
-    assert rich.code == error.code().value[0]
-    assert rich.message == error.details()
-    found: dict[type[Message], Message] = {}
-    for any_detail in rich.details:
-        for kind in (error_details_pb2.ErrorInfo, error_details_pb2.BadRequest, error_details_pb2.RetryInfo):
-            if any_detail.Is(kind.DESCRIPTOR):
-                detail = kind()
-                any_detail.Unpack(detail)
-                found[kind] = detail
-    assert len(found) == len(rich.details), f"unexpected detail types in {rich.details}"
-    return found
 
 
 def usage(lease: pb.Lease, **overrides: object) -> pb.ReportUsageRequest:

@@ -22,12 +22,12 @@ import grpc
 import pytest
 from authpool_client.api import authpool_pb2 as pb
 from authpool_client.api import authpool_pb2_grpc
-from google.protobuf.message import Message
-from google.rpc import error_details_pb2, status_pb2
+from google.rpc import error_details_pb2
 
 from authpool_server.domain import PoolSpec
 from authpool_server.server import Server
 from tests.conftest import FakeClock, make_spec
+from tests.integration.rich_errors import error_details
 
 UNIT = 1_000_000  # micro-units per budget unit
 TTL = 30.0
@@ -91,23 +91,6 @@ def sub(response: pb.StatusResponse, subscription_id: str) -> pb.SubscriptionSta
 
 def live_by_sub(response: pb.StatusResponse) -> dict[str, int]:
     return {s.subscription_id: s.live_clients for s in response.subscriptions}
-
-
-def error_details(error: grpc.aio.AioRpcError) -> dict[type[Message], Message]:
-    """The `google.rpc` details of an error, by type (from grpc-status-details-bin)."""
-    raw = dict(error.trailing_metadata() or ()).get("grpc-status-details-bin")
-    assert raw is not None, f"{error.code()} {error.details()!r} carries no google.rpc.Status"
-    rich = status_pb2.Status.FromString(raw)
-    assert rich.code == error.code().value[0]
-    assert rich.message == error.details()
-    found: dict[type[Message], Message] = {}
-    for any_detail in rich.details:
-        for kind in (error_details_pb2.ErrorInfo, error_details_pb2.BadRequest, error_details_pb2.RetryInfo):
-            if any_detail.Is(kind.DESCRIPTOR):
-                detail = kind()
-                any_detail.Unpack(detail)
-                found[kind] = detail
-    return found
 
 
 def error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
