@@ -61,6 +61,13 @@ def _parser() -> argparse.ArgumentParser:
     check = config_commands.add_parser("check", help="validate a config file without serving")
     check.add_argument("file", help="the config file to check")
     check.set_defaults(run=_config_check)
+
+    from authpool_server.simulator.cli import build_parser as build_simulator_parser
+
+    simulate = commands.add_parser(
+        "simulate", help="replay traffic traces through the real balancer (docs/simulator.md)"
+    )
+    build_simulator_parser(simulate)  # its subcommands set `run`
     return parser
 
 

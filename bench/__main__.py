@@ -60,6 +60,7 @@ TARGETS: tuple[tuple[str, str, str, float, str | None], ...] = (
     ("allocate_ratio >= 0.7", "allocate_ratio", ">=", 0.7, None),
     ("allocate_p99_ms <= 2 x noop_p99_ms", "allocate_p99_ms", "<=", 2.0, "noop_p99_ms"),
     ("lifecycle_rps >= 1000", "lifecycle_rps", ">=", 1000.0, None),
+    ("simulator_decisions_per_s >= 200000", "simulator_decisions_per_s", ">=", 200_000.0, None),
 )
 
 
@@ -498,6 +499,18 @@ def _report(result: dict[str, Any]) -> str:
 # -- main -----------------------------------------------------------------------------
 
 
+def _simulator_figures() -> dict[str, Any]:
+    """How fast the simulator drives the balancer over the shipped traces, in a process of its own."""
+    out = subprocess.run(
+        [sys.executable, "-m", "authpool_server.simulator", "bench", "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(out.stdout)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     machine = _machine()
     started = time.monotonic()
@@ -516,9 +529,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if not args.keep_data:
             shutil.rmtree(work_dir, ignore_errors=True)
     machine["loadavg_after"] = list(os.getloadavg())
+    print("simulator: replaying the shipped traces ...", file=sys.stderr, flush=True)
+    simulator = _simulator_figures()  # after the server has stopped: the two would share the CPUs
 
     scenarios = {name: _scenario_figures(raw[name], args.duration) for name in SCENARIOS if name in raw}
-    flat = _flat(scenarios)
+    flat = {**_flat(scenarios), **simulator}
     targets = _targets(flat)
     return {
         "generated_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
