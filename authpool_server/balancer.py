@@ -330,18 +330,30 @@ def _of_type(wanted_type: str) -> str:
 
 
 def _can_keep(lease: Lease, loads: Collection[SubscriptionLoad], pool: PoolSpec, now: float) -> str:
-    """Why the lease's subscription can no longer serve it, or "" when it can."""
+    """Why the lease's subscription can no longer serve it, or "" when it can.
+
+    Checks only what forces a move (spent, disabled, draining while idle, or
+    gone), not the full status: this runs on every sticky Allocate and Renew.
+    """
     for load in loads:
-        if load.spec.id == lease.subscription_id:
-            status = subscription_status(load, pool, now)
-            if status is SubscriptionStatus.EXHAUSTED:
-                return f"subscription {lease.subscription_id} has spent its weekly budget"
-            if status is SubscriptionStatus.DISABLED:
-                return f"subscription {lease.subscription_id} is disabled after repeated auth failures"
-            if status is SubscriptionStatus.DRAINING and _idle(lease, pool, now):
-                return f"subscription {lease.subscription_id} is draining for credential rotation"
-            return ""
+        if load.spec.id != lease.subscription_id:
+            continue
+        if load.disabled:
+            return f"subscription {lease.subscription_id} is disabled after repeated auth failures"
+        if load.window_usage_micros >= load.spec.weekly_budget_micros or (
+            load.extra_usage_micros and _extra_status(load, pool.threshold_ppm) is SubscriptionStatus.EXHAUSTED
+        ):
+            return f"subscription {lease.subscription_id} has spent its budget"
+        if load.draining and _idle(lease, pool, now):
+            return f"subscription {lease.subscription_id} is draining for credential rotation"
+        return ""
     return f"subscription {lease.subscription_id} is no longer in the pool"
+
+
+@functools.lru_cache(maxsize=4096)
+def _sticky(subscription_id: str) -> Placement:
+    # Placements are immutable: one per subscription serves every sticky answer.
+    return Placement(DecisionKind.STICKY, subscription_id, "the client's live lease")
 
 
 def _idle(lease: Lease, pool: PoolSpec, now: float) -> bool:
@@ -368,7 +380,7 @@ def decide_allocation(
         )
     why = _can_keep(current, loads, pool, now)
     if not why:
-        return Placement(DecisionKind.STICKY, current.subscription_id, "the client's live lease")
+        return _sticky(current.subscription_id)
     return _elsewhere(loads, pool, current.wanted_type, now, moving_from=current.subscription_id, why=why)
 
 
