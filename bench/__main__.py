@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from authpool_server.simulator.report import json_safe
 from bench.load import SCENARIOS
 from bench.stats import summarize
 
@@ -559,21 +560,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {key: _json_safe(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(item) for item in value]
-    return value
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
     result = run(args)
     print(_report(result))
-    args.out.write_text(json.dumps(_json_safe(result), indent=2) + "\n")
+    args.out.write_text(json.dumps(json_safe(result), indent=2) + "\n")
     print(f"\nfigures written to {args.out}")
     return 0
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from collections.abc import Sequence
@@ -23,7 +22,7 @@ from typing import Any
 
 from authpool_server.simulator.engine import POLICIES, RunResult, simulate
 from authpool_server.simulator.generate import KINDS, generate
-from authpool_server.simulator.report import checks, figures, markdown, plot
+from authpool_server.simulator.report import checks, figures, json_safe, markdown, plot
 from authpool_server.simulator.trace import Trace, TraceError, read_trace, write_trace
 
 __all__ = ["DEFAULT_TRACES", "build_parser", "main"]
@@ -95,9 +94,9 @@ def _run(args: argparse.Namespace) -> int:
         table += "\nPlots: " + ", ".join(f"`{p}`" for p in plots) + "\n"
     (out / "report.md").write_text(table)
     document: dict[str, Any] = {**figures(results, found), "plots": plots, "read_seconds": read_seconds}
-    (out / "report.json").write_text(json.dumps(_json_safe(document), indent=2) + "\n")
+    (out / "report.json").write_text(json.dumps(json_safe(document), indent=2) + "\n")
     if args.json:
-        print(json.dumps(_json_safe(document), indent=2))
+        print(json.dumps(json_safe(document), indent=2))
     else:
         print(table, end="")
         print(f"\nwritten to {out / 'report.md'} and {out / 'report.json'}")
@@ -117,16 +116,6 @@ def _bench(args: argparse.Namespace) -> int:
         for key, value in result.items():
             print(f"{key}: {value:,.0f}" if isinstance(value, float) else f"{key}: {value}")
     return 0
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: _json_safe(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(item) for item in value]
-    return value
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:

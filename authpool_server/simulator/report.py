@@ -33,6 +33,17 @@ class Check:
         return {True: "PASS", False: "FAIL", None: "n/a"}[self.passed]
 
 
+def json_safe(value: Any) -> Any:
+    """`value` with non-finite floats as None, so the JSON is standard (no NaN or Infinity)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(item) for item in value]
+    return value
+
+
 def _units(micros: int | float) -> str:
     return f"{micros / MICROS_PER_UNIT:,.2f}"
 
