@@ -12,7 +12,7 @@ import logging
 import sys
 from datetime import UTC, datetime
 
-__all__ = ["JsonFormatter", "configure_logging"]
+__all__ = ["JsonFormatter", "TextFormatter", "configure_logging"]
 
 
 class JsonFormatter(logging.Formatter):
@@ -31,13 +31,24 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+class TextFormatter(logging.Formatter):
+    """One line for people: time, level, module, message, then the context as key=value."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        context = getattr(record, "context", None)
+        if context:
+            line += " " + " ".join(f"{key}={value}" for key, value in context.items())
+        return line
+
+
 def configure_logging(level: str = "info", fmt: str = "text") -> None:
     """Send the server's logs to stderr at `level`, as JSON lines when `fmt` is "json"."""
     handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
