@@ -46,8 +46,6 @@ class Committer:
         self._closing = False
         self.submitted = 0  # ticket of the newest batch submitted
         self.durable = 0  # ticket of the newest batch on disk
-        self.groups_written = 0
-        self.batches_written = 0
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="authpool-committer")
@@ -70,10 +68,6 @@ class Committer:
         self._waiters.append((ticket, future))
         await future
 
-    @property
-    def queue_depth(self) -> int:
-        return len(self._pending)
-
     async def _run(self) -> None:
         while True:
             await self._wakeup.wait()
@@ -95,8 +89,6 @@ class Committer:
                 self._pending = []
                 await self._on_failure()
             else:
-                self.groups_written += 1
-                self.batches_written += len(group)
                 self.durable = last_ticket
                 self._on_durable(merged, last_ticket)
                 for _, future in group:

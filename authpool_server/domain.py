@@ -151,12 +151,6 @@ class PoolSpec:
     # How long an ended lease is remembered so late usage reports still count.
     ended_lease_retention_seconds: float = 3_600.0
 
-    def subscription(self, subscription_id: str) -> SubscriptionSpec | None:
-        for spec in self.subscriptions:
-            if spec.id == subscription_id:
-                return spec
-        return None
-
 
 @dataclass(frozen=True, slots=True)
 class Lease:

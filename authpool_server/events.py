@@ -51,10 +51,6 @@ class EventHub:
         self._capacity = watcher_capacity
         self.last_sequence = 0
 
-    @property
-    def watcher_count(self) -> int:
-        return len(self._watchers)
-
     def publish(self, events: Iterable[Event]) -> None:
         """Hand durable events, in sequence order, to every watcher. Never blocks."""
         for event in events:

@@ -604,9 +604,8 @@ class Pool:
             raise InvalidArgument(
                 [("fencing_token", f"{report.fencing_token} was never a token of lease {lease.lease_id!r}")]
             )
-        fallback = (
-            lease.fallback if report.fencing_token == lease.fencing_token else self._was_fallback(subscription_id)
-        )
+        # Config forbids a subscription with the fallback's id, so the id says which it was.
+        fallback = subscription_id == self.spec.fallback.id
         record = UsageRecord(
             request_id=report.request_id,
             lease_id=lease.lease_id,
@@ -654,9 +653,6 @@ class Pool:
         if not fallback:
             self._note_status(subscription_id, batch, now)
         return UsageAck(duplicate=False, subscription_id=subscription_id)
-
-    def _was_fallback(self, subscription_id: str) -> bool:
-        return self.spec.subscription(subscription_id) is None and subscription_id == self.spec.fallback.id
 
     async def rebalance(self, *, dry_run: bool) -> RebalanceOutcome:
         """Run one rebalancing cycle (or only plan it) and say what moved and why."""
@@ -826,7 +822,3 @@ class Pool:
     def subscription_spec(self, subscription_id: str) -> SubscriptionSpec | None:
         ledger = self._ledgers.get(subscription_id)
         return None if ledger is None else ledger.spec
-
-    @property
-    def commit_queue_depth(self) -> int:
-        return self._committer.queue_depth

@@ -95,10 +95,6 @@ class Server:
         await self.pool.close()
         log.info("stopped")
 
-    async def wait_for_termination(self) -> None:
-        if self._server is not None:
-            await self._server.wait_for_termination()
-
 
 async def serve(spec: PoolSpec, *, data_dir: Path, listen: str) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully."""
