@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from authpool_server.config import ConfigError, Settings, load_config
+from authpool_server.errors import StartupRefused
 from authpool_server.logs import configure_logging
+from authpool_server.security.settings import is_loopback
 
 __all__ = ["main"]
 
@@ -27,12 +30,36 @@ def _load(path: str | None) -> Settings:
 
 def _serve(args: argparse.Namespace) -> int:
     from authpool_server.server import serve  # grpc is only needed to serve
+    from authpool_server.telemetry.sentry import init_sentry
 
     settings = _load(args.config)
     configure_logging(settings.log_level, settings.log_format)
+    init_sentry(os.environ)
     listen = args.listen or settings.listen
     data_dir = Path(args.data_dir) if args.data_dir else settings.data_dir
-    asyncio.run(serve(settings.pool, data_dir=data_dir, listen=listen))
+    security = settings.security
+    if args.insecure_no_auth:
+        if not is_loopback(listen):
+            print(
+                f"authpool: --insecure-no-auth is for local development: listen on 127.0.0.1, not {listen}",
+                file=sys.stderr,
+            )
+            return 2
+        security = security.without_auth()
+    admin_listen = args.admin_listen or settings.admin.listen
+    try:
+        asyncio.run(
+            serve(
+                settings.pool,
+                data_dir=data_dir,
+                listen=listen,
+                security=security,
+                admin_listen=admin_listen if settings.admin.enabled else None,
+            )
+        )
+    except StartupRefused as refusal:
+        print(f"authpool: {refusal}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -43,6 +70,11 @@ def _config_check(args: argparse.Namespace) -> int:
         f"{settings.source}: valid; {len(pool.subscriptions)} subscriptions, "
         f"weekly budget {sum(s.weekly_budget_micros for s in pool.subscriptions) / 1e6:g} in all"
     )
+    if not settings.security.has_credentials:
+        print(
+            "note: no principal has a token in this environment; `authpool serve` will refuse to start "
+            "until one does (AUTHPOOL_ADMIN_TOKEN, ...) or it is given --insecure-no-auth"
+        )
     return 0
 
 
@@ -54,6 +86,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", help="config file (default: $AUTH_POOL_CONFIG, else the bundled example)")
     serve.add_argument("--listen", help="host:port to listen on (default: the config's `listen`)")
     serve.add_argument("--data-dir", help="where the embedded store lives (default: $AUTHPOOL_DATA_DIR or ./var)")
+    serve.add_argument("--admin-listen", help="host:port of the admin HTTP port (default: the config's admin.listen)")
+    serve.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        help="LOCAL DEVELOPMENT ONLY: accept every caller as admin, without a token (loopback addresses only)",
+    )
     serve.set_defaults(run=_serve)
 
     config = commands.add_parser("config", help="configuration tools")

@@ -50,6 +50,11 @@ class Committer:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="authpool-committer")
 
+    @property
+    def queue_depth(self) -> int:
+        """Batches waiting for the next group commit."""
+        return len(self._pending)
+
     def submit(self, batch: WriteBatch) -> asyncio.Future[None]:
         """Queue `batch` (its ticket is `submitted` afterwards); the future resolves once it is durable."""
         if self._closing:

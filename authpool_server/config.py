@@ -22,7 +22,6 @@ import difflib
 import functools
 import json
 import os
-import re
 from collections.abc import Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -34,9 +33,7 @@ from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
-    BaseModel,
     BeforeValidator,
-    ConfigDict,
     EmailStr,
     Field,
     ModelWrapValidatorHandler,
@@ -46,8 +43,9 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic.alias_generators import to_camel
 
+from authpool_server.config_model import ConfigModel, check_id
+from authpool_server.config_server import AdminConfig, SecurityConfig
 from authpool_server.domain import (
     MICROS_PER_UNIT,
     PPM,
@@ -58,6 +56,7 @@ from authpool_server.domain import (
     RebalancePolicy,
     SubscriptionSpec,
 )
+from authpool_server.security.settings import SecuritySettings, load_security
 
 __all__ = [
     "EXAMPLE_CONFIG",
@@ -75,7 +74,6 @@ __all__ = [
 EXAMPLE_CONFIG = Path(__file__).with_name("example-config.json")
 """The packaged example, loaded when neither a path nor AUTH_POOL_CONFIG is given."""
 
-_ID_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")  # used with fullmatch: no trailing-newline loophole
 _MAX_DECIMAL_PLACES = 6  # one micro-unit / one part per million
 _SECONDS_PER_DAY = 86_400
 _LOG_LEVELS = {"debug": "debug", "info": "info", "warn": "warning", "warning": "warning", "error": "error"}
@@ -188,24 +186,13 @@ def _resolve_config_dir(value: str, root: Path) -> str:
     return str(resolved)
 
 
-def _check_id(value: str) -> str:
-    if not _ID_RE.fullmatch(value):
-        raise ValueError("must be 1-64 characters of a-z, 0-9, '.', '_' or '-', starting with a letter or digit")
-    return value
+_check_id = check_id
 
 
 # --- models ----------------------------------------------------------------
 
 
-class _Model(BaseModel):
-    # strict: a quoted number or "yes" for a boolean is a mistake in a config file.
-    model_config = ConfigDict(
-        alias_generator=to_camel,
-        populate_by_name=True,
-        extra="forbid",
-        frozen=True,
-        strict=True,
-    )
+_Model = ConfigModel
 
 
 def _aware_iso_time(value: str | None) -> str | None:
@@ -411,6 +398,8 @@ class PoolConfig(_Model):
     forecast_horizon_hours: float = Field(default=6.0, gt=0)
     usage_retention_days: float = Field(default=7.0, gt=0)
     event_retention_days: float = Field(default=7.0, gt=0)
+    security: SecurityConfig = SecurityConfig()
+    admin: AdminConfig = AdminConfig()
 
     @model_validator(mode="wrap")
     @classmethod
@@ -471,6 +460,8 @@ class Settings:
         log_format: json or text.
         source: The file that was loaded.
         raw: The validated document, for parts not yet in domain terms (notifications).
+        security: Authentication, TLS and limits, with tokens already hashed.
+        admin: The admin HTTP port.
     """
 
     pool: PoolSpec
@@ -480,6 +471,8 @@ class Settings:
     log_format: str
     source: Path | None
     raw: PoolConfig
+    security: SecuritySettings
+    admin: AdminConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -532,8 +525,8 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
         path: The JSON file. When None, the AUTH_POOL_CONFIG environment
             variable names it, and failing that the packaged example is used.
         env: The environment to read overrides from (AUTH_POOL_CONFIG,
-            WEEKLY_BUDGET, AUTHPOOL_DATA_DIR, LOG_LEVEL, LOG_FORMAT); defaults
-            to `os.environ`.
+            WEEKLY_BUDGET, AUTHPOOL_DATA_DIR, LOG_LEVEL, LOG_FORMAT) and the
+            token variables the security block names; defaults to `os.environ`.
 
     Returns:
         The settings, with the pool in domain terms.
@@ -542,7 +535,8 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
         ConfigError: The file is missing or unreadable, is not valid JSON, or
             breaks any rule; every problem found is listed.
     """
-    overrides, problems = _read_env(os.environ if env is None else env)
+    env = os.environ if env is None else env
+    overrides, problems = _read_env(env)
     chosen = Path(path) if path is not None else overrides.config_path or EXAMPLE_CONFIG
     source = Path(os.path.abspath(chosen.expanduser()))
 
@@ -557,6 +551,9 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
         raw = PoolConfig.model_validate(data)
     except ValidationError as exc:
         problems.extend(_problem(e) for e in exc.errors())
+        raise ConfigError(problems, source) from None
+    security, security_problems = load_security(raw.security, env, source.parent)
+    problems.extend(security_problems)
     if problems:
         raise ConfigError(problems, source) from None
 
@@ -569,6 +566,8 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
         log_format=overrides.log_format,
         source=source,
         raw=raw,
+        security=security,
+        admin=raw.admin,
     )
 
 
@@ -668,11 +667,16 @@ _KIND = {
 }
 
 
+def _models(base: type[ConfigModel]) -> list[type[ConfigModel]]:
+    found = []
+    for model in base.__subclasses__():
+        found += [model, *_models(model)]
+    return found
+
+
 @functools.cache
 def _aliases() -> dict[str, str]:
-    models = (PoolConfig, SubscriptionConfig, RebalancingConfig, NotificationsConfig)
-    models += (NotificationRule, FallbackConfig)
-    return {name: info.alias or name for m in models for name, info in m.model_fields.items()}
+    return {name: info.alias or name for m in _models(ConfigModel) for name, info in m.model_fields.items()}
 
 
 def _path(loc: tuple[int | str, ...], *, unknown_last: bool = False) -> str:

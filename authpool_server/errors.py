@@ -9,7 +9,10 @@
     ├── EventsCompacted            OUT_OF_RANGE: resume from the oldest retained event
     ├── SequenceAhead              OUT_OF_RANGE: the cursor is past the log's end
     ├── StoreUnavailable           UNAVAILABLE: the store failed; retrying is safe
-    └── WatcherLagged              ABORTED: a watcher fell behind; resume from its last sequence
+    ├── WatcherLagged              ABORTED: a watcher fell behind; resume from its last sequence
+    ├── Unauthenticated            UNAUTHENTICATED: no credentials, or unknown ones
+    ├── PermissionDenied           PERMISSION_DENIED: the caller's role may not call this method
+    └── RateLimited                RESOURCE_EXHAUSTED, with a retry delay
 
 Each error carries a stable UPPER_SNAKE `reason` (AIP-193). Mapping to gRPC
 statuses happens in one place, `rpc_errors.py`; nothing here knows gRPC.
@@ -26,11 +29,14 @@ __all__ = [
     "FieldViolation",
     "InvalidArgument",
     "LeaseNotFound",
+    "PermissionDenied",
     "PoolExhausted",
+    "RateLimited",
     "SequenceAhead",
     "StaleFencingToken",
     "StoreUnavailable",
     "SubscriptionNotFound",
+    "Unauthenticated",
     "WatcherLagged",
 ]
 
@@ -122,3 +128,34 @@ class WatcherLagged(AuthPoolError):
             f"the watcher fell too far behind the event log; resume with after_sequence={last_sequence}",
             resume_after_sequence=str(last_sequence),
         )
+
+
+class Unauthenticated(AuthPoolError):
+    reason = "UNAUTHENTICATED"
+
+
+class PermissionDenied(AuthPoolError):
+    reason = "PERMISSION_DENIED"
+
+    def __init__(self, method: str, role: str, needed: str) -> None:
+        super().__init__(
+            f"{method} needs the {needed} role; this caller has {role}",
+            method=method,
+            role=role,
+            required_role=needed,
+        )
+
+
+class RateLimited(AuthPoolError):
+    reason = "RATE_LIMITED"
+
+    def __init__(self, principal: str, retry_after_seconds: float) -> None:
+        super().__init__(
+            f"too many calls from {principal}; retry after {retry_after_seconds:.3f} s",
+            principal=principal,
+        )
+        self.retry_after_seconds = retry_after_seconds
+
+
+class StartupRefused(Exception):
+    """The server will not start as configured (not a caller's error: never sent on the wire)."""

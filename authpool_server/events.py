@@ -51,6 +51,10 @@ class EventHub:
         self._capacity = watcher_capacity
         self.last_sequence = 0
 
+    def watcher_backlogs(self) -> list[int]:
+        """Events queued for each live watcher (how far behind each one is)."""
+        return [watcher.queue.qsize() for watcher in self._watchers]
+
     def publish(self, events: Iterable[Event]) -> None:
         """Hand durable events, in sequence order, to every watcher. Never blocks."""
         for event in events:

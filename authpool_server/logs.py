@@ -2,17 +2,26 @@
 
 Each JSON line carries `timestamp`, `level`, `module`, `message` and
 `context` (whatever was passed as `extra={"context": {...}}`). Callers must
-never put secrets or unmasked emails into messages or context.
+never put secrets into messages or context; as a second line of defence,
+anything shaped like an email address is masked in every line written.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from datetime import UTC, datetime
 
-__all__ = ["JsonFormatter", "TextFormatter", "configure_logging"]
+__all__ = ["JsonFormatter", "TextFormatter", "configure_logging", "mask_emails"]
+
+_EMAIL = re.compile(r"([A-Za-z0-9._%+-])[A-Za-z0-9._%+-]*@([A-Za-z0-9.-]+\.[A-Za-z]{2,})")
+
+
+def mask_emails(text: str) -> str:
+    """`team+sub1@company.com` -> `t***@company.com` wherever it appears in `text`."""
+    return _EMAIL.sub(r"\1***@\2", text) if "@" in text else text
 
 
 class JsonFormatter(logging.Formatter):
@@ -28,7 +37,7 @@ class JsonFormatter(logging.Formatter):
         }
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str)
+        return mask_emails(json.dumps(entry, default=str))
 
 
 class TextFormatter(logging.Formatter):
@@ -42,7 +51,7 @@ class TextFormatter(logging.Formatter):
         context = getattr(record, "context", None)
         if context:
             line += " " + " ".join(f"{key}={value}" for key, value in context.items())
-        return line
+        return mask_emails(line)
 
 
 def configure_logging(level: str = "info", fmt: str = "text") -> None:

@@ -22,8 +22,8 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, replace
-from typing import TypeVar
+from dataclasses import dataclass, field, replace
+from typing import Protocol, TypeVar
 
 from authpool_server import balancer
 from authpool_server.balancer import Forecast, Placement, PlannedMove, Refusal, SubscriptionLoad
@@ -107,6 +107,14 @@ class RebalanceOutcome:
     moves: tuple[tuple[PlannedMove, int], ...]
     reason: str
     dry_run: bool
+    # Planning and applying, without the commit; a measurement, not part of the outcome.
+    seconds: float = field(default=0.0, compare=False, repr=False)
+
+
+class PoolObserver(Protocol):
+    """Told of the pool's own work that no RPC reports (for metrics)."""
+
+    def rebalanced(self, outcome: RebalanceOutcome, trigger: str) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,6 +191,7 @@ class Pool:
         self._healthy = False
         self._last_prune = 0.0
         self._reaper: asyncio.Task[None] | None = None
+        self._observers: list[PoolObserver] = []
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -654,14 +663,25 @@ class Pool:
             self._note_status(subscription_id, batch, now)
         return UsageAck(duplicate=False, subscription_id=subscription_id)
 
-    async def rebalance(self, *, dry_run: bool) -> RebalanceOutcome:
-        """Run one rebalancing cycle (or only plan it) and say what moved and why."""
-        return await self._apply(lambda now, batch: self._rebalance(dry_run, now, batch))
+    def observe(self, observer: PoolObserver) -> None:
+        self._observers.append(observer)
+
+    async def rebalance(self, *, dry_run: bool, trigger: str = "operator") -> RebalanceOutcome:
+        """Run one rebalancing cycle (or only plan it) and say what moved and why.
+
+        `trigger` says who asked ("operator" or "periodic"), for metrics.
+        """
+        outcome = await self._apply(lambda now, batch: self._rebalance(dry_run, now, batch))
+        for observer in self._observers:
+            observer.rebalanced(outcome, trigger)
+        return outcome
 
     def _rebalance(self, dry_run: bool, now: float, batch: WriteBatch) -> RebalanceOutcome:
+        started = time.perf_counter()
         plan = balancer.plan_rebalance(self._loads(now), self._leases.values(), self.spec, now)
         if dry_run:
-            return RebalanceOutcome(tuple((move, 0) for move in plan.moves), plan.reason, dry_run=True)
+            moves = tuple((move, 0) for move in plan.moves)
+            return RebalanceOutcome(moves, plan.reason, dry_run=True, seconds=time.perf_counter() - started)
         moved: list[tuple[PlannedMove, int]] = []
         for move in plan.moves:
             lease = self._leases[move.lease_id]
@@ -673,7 +693,7 @@ class Pool:
             EventType.REBALANCE_COMPLETED,
             attributes=(("moves", str(len(moved))), ("reason", plan.reason)),
         )
-        return RebalanceOutcome(tuple(moved), plan.reason, dry_run=False)
+        return RebalanceOutcome(tuple(moved), plan.reason, dry_run=False, seconds=time.perf_counter() - started)
 
     def status(self, *, include_clients: bool = False) -> PoolStatus:
         """The pool's state now (decisions in flight included)."""
@@ -810,7 +830,7 @@ class Pool:
                 await self.reap()
                 if self.spec.rebalancing.enabled and self._clock() >= next_rebalance:
                     next_rebalance = self._clock() + self.spec.rebalancing.interval_seconds
-                    outcome = await self.rebalance(dry_run=False)
+                    outcome = await self.rebalance(dry_run=False, trigger="periodic")
                     log.info("rebalancing cycle: %d moves (%s)", len(outcome.moves), outcome.reason)
             except StoreUnavailable:
                 log.warning("background work skipped: the store is unavailable")
@@ -818,6 +838,18 @@ class Pool:
                 log.exception("background work failed; it runs again in %.1fs", interval)
 
     # -- introspection -------------------------------------------------------
+
+    def memory(self) -> dict[str, object]:
+        """What the pool holds in memory, for /debug/memory: each should stay bounded."""
+        return {
+            "live_leases": len(self._leases),
+            "ended_leases": len(self._ended),
+            "usage_records": len(self._usage_log),
+            "usage_request_ids": len(self._request_ids),
+            "unsettled_writes": len(self._unsettled),
+            "commit_queue_depth": self._committer.queue_depth,
+            "watcher_backlogs": self.events.watcher_backlogs(),
+        }
 
     def subscription_spec(self, subscription_id: str) -> SubscriptionSpec | None:
         ledger = self._ledgers.get(subscription_id)

@@ -30,6 +30,9 @@ _CODES: dict[type[errors.AuthPoolError], int] = {
     errors.SequenceAhead: code_pb2.OUT_OF_RANGE,
     errors.StoreUnavailable: code_pb2.UNAVAILABLE,
     errors.WatcherLagged: code_pb2.ABORTED,
+    errors.Unauthenticated: code_pb2.UNAUTHENTICATED,
+    errors.PermissionDenied: code_pb2.PERMISSION_DENIED,
+    errors.RateLimited: code_pb2.RESOURCE_EXHAUSTED,
 }
 
 
@@ -58,5 +61,11 @@ def to_status(error: errors.AuthPoolError) -> grpc.Status:
         )
     if isinstance(error, errors.PoolExhausted):
         delay = duration_pb2.Duration(seconds=math.ceil(error.retry_after_seconds))
+        details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
+    if isinstance(error, errors.RateLimited):
+        # Sub-second precision: a bucket refills in milliseconds, and a caller
+        # told "1 s" would idle through most of its quota.
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(max(1_000_000, math.ceil(error.retry_after_seconds * 1e9)))
         details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
     return rpc_status.to_status(status_pb2.Status(code=code, message=error.message, details=details))

@@ -1,11 +1,12 @@
 """Wiring, start and shutdown: the one module that assembles the server.
 
 `Server.start()` opens the store, rebuilds the pool's state, then starts the
-gRPC server with the AuthPool service, the health service and reflection;
-health turns SERVING only once the state is loaded. `Server.stop()` is the
+gRPC server (TLS when configured) with the interceptor chain, the AuthPool
+service, the health service and reflection, and the admin HTTP port; health
+turns SERVING only once the state is loaded. `Server.stop()` is the
 graceful path: health NOT_SERVING, no new calls, in-flight calls finish
 within the grace period, then everything acknowledged is flushed and the
-store closed.
+store closed, and the last spans and metrics are exported.
 """
 
 from __future__ import annotations
@@ -23,11 +24,17 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from authpool_server.admin import AdminServer
 from authpool_server.api import authpool_pb2, authpool_pb2_grpc
 from authpool_server.domain import PoolSpec
+from authpool_server.errors import StartupRefused
+from authpool_server.interceptors import build_chain
 from authpool_server.pool import Pool
+from authpool_server.security.settings import SecuritySettings
 from authpool_server.service import AuthPoolService
 from authpool_server.store.sqlite import SQLiteStore
+from authpool_server.telemetry.metrics import Metrics
+from authpool_server.telemetry.providers import Telemetry, telemetry_from_env
 
 __all__ = ["SERVICE_NAME", "Server", "serve"]
 
@@ -38,36 +45,83 @@ DATABASE_FILE = "authpool.sqlite3"
 # Below Kubernetes' default 30 s termination grace, so a pod finishes its
 # calls and flushes before it is killed.
 DEFAULT_GRACE_SECONDS = 10.0
-MAX_MESSAGE_BYTES = 1 << 20
+METRICS_SAMPLE_SECONDS = 5.0
 
 
 class Server:
-    """An AuthPool server on `listen` (host:port; port 0 picks a free one)."""
+    """An AuthPool server on `listen` (host:port; port 0 picks a free one).
+
+    Args:
+        spec: The pool.
+        data_dir: Where the embedded store lives.
+        security: Tokens, TLS and limits (`SecuritySettings().without_auth()`
+            for local development and tests that are not about auth).
+        listen: The gRPC address.
+        admin_listen: The admin HTTP address (/metrics, /debug/*); None: no admin port.
+        telemetry: OpenTelemetry providers; None builds them from the `OTEL_*` environment.
+        intercept: False serves without the interceptor chain (no auth, logs,
+            metrics or spans): only for `make bench` to measure the chain's cost.
+    """
 
     def __init__(
         self,
         spec: PoolSpec,
         *,
         data_dir: Path,
+        security: SecuritySettings,
         listen: str = "127.0.0.1:50051",
+        admin_listen: str | None = None,
+        telemetry: Telemetry | None = None,
+        intercept: bool = True,
         grace_seconds: float = DEFAULT_GRACE_SECONDS,
         background: bool = True,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.pool = Pool(spec, SQLiteStore(data_dir / DATABASE_FILE), clock=clock)
         self.health = health_aio.HealthServicer()
+        self.security = security
+        self.telemetry = telemetry if telemetry is not None else telemetry_from_env(os.environ)
+        self.metrics = Metrics(self.telemetry.meter_provider, self.pool) if intercept else None
+        self._intercept = intercept
         self._listen = listen
+        self._admin = AdminServer(self.pool, self.metrics, security, admin_listen) if admin_listen is not None else None
         self._grace = grace_seconds
         self._background = background
         self._server: grpc.aio.Server | None = None
+        self._sampler: asyncio.Task[None] | None = None
         self.port = 0
 
+    @property
+    def admin_port(self) -> int:
+        return self._admin.port if self._admin is not None else 0
+
+    def _bind(self, server: grpc.aio.Server) -> int:
+        tls = self.security.tls
+        if tls is None:
+            return server.add_insecure_port(self._listen)
+        credentials = grpc.ssl_server_credentials(
+            [(tls.private_key, tls.cert_chain)],
+            root_certificates=tls.client_ca,
+            require_client_auth=tls.require_client_cert,
+        )
+        return server.add_secure_port(self._listen, credentials)
+
     async def start(self) -> None:
+        if not self.security.auth_required:
+            log.warning(
+                "AUTHENTICATION IS OFF: every caller is an admin. For local development only; "
+                "never run like this where anyone else can connect."
+            )
+        elif not self.security.has_credentials:
+            raise StartupRefused(
+                "authentication is on but no principal has a token: set AUTHPOOL_ADMIN_TOKEN (or another "
+                "AUTHPOOL_<ROLE>_TOKEN, or security.auth.principals in the config); for local development "
+                "only, start with --insecure-no-auth"
+            )
+        chain = build_chain(self.security, self.metrics, self.telemetry.tracer_provider) if self._intercept else []
         server = grpc.aio.server(
-            options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.so_reuseport", 0),
-            ]
+            interceptors=chain,
+            options=[*self.security.grpc_options(), ("grpc.so_reuseport", 0)],
         )
         authpool_pb2_grpc.add_AuthPoolServicer_to_server(AuthPoolService(self.pool), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -77,28 +131,61 @@ class Server:
         )
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.port = server.add_insecure_port(self._listen)
+        self.port = self._bind(server)
         if self.port == 0:
             raise OSError(f"cannot listen on {self._listen}")
         await server.start()
         self._server = server
         await self.pool.start(background=self._background)
+        if self.metrics is not None:
+            self.metrics.refresh()
+            if self._background:
+                self._sampler = asyncio.create_task(self._sample_forever(), name="authpool-metrics")
+        if self._admin is not None:
+            await self._admin.start()
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving", extra={"context": {"listen": self._listen, "port": self.port, "pid": os.getpid()}})
+        log.info(
+            "serving",
+            extra={
+                "context": {
+                    "listen": self._listen,
+                    "port": self.port,
+                    "tls": self.security.tls is not None,
+                    "admin_port": self.admin_port,
+                    "pid": os.getpid(),
+                }
+            },
+        )
+
+    async def _sample_forever(self) -> None:
+        # Gauges are read by exporters on their own threads; they see this snapshot.
+        while True:
+            await asyncio.sleep(METRICS_SAMPLE_SECONDS)
+            try:
+                self.metrics.refresh()  # type: ignore[union-attr]
+            except Exception:
+                log.exception("metrics snapshot failed; the gauges keep the previous one")
 
     async def stop(self) -> None:
-        """Drain and stop: in-flight calls finish, acknowledged state is flushed."""
+        """Drain and stop: in-flight calls finish, acknowledged state is flushed, telemetry is flushed."""
         await self.health.enter_graceful_shutdown()
         if self._server is not None:
             await self._server.stop(self._grace)
+        if self._sampler is not None:
+            self._sampler.cancel()
+        if self._admin is not None:
+            await self._admin.stop()
         await self.pool.close()
+        await asyncio.to_thread(self.telemetry.shutdown)
         log.info("stopped")
 
 
-async def serve(spec: PoolSpec, *, data_dir: Path, listen: str) -> None:
+async def serve(
+    spec: PoolSpec, *, data_dir: Path, listen: str, security: SecuritySettings, admin_listen: str | None
+) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully."""
-    server = Server(spec, data_dir=data_dir, listen=listen)
+    server = Server(spec, data_dir=data_dir, listen=listen, security=security, admin_listen=admin_listen)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -22,6 +22,7 @@ from authpool_server.domain import PPM, DecisionKind, Event, EventType, Lease, O
 from authpool_server.errors import AuthPoolError
 from authpool_server.pool import Pool, UsageReport
 from authpool_server.rpc_errors import to_status
+from authpool_server.telemetry.call import annotate
 from authpool_server.validation import MAX_COST_MICROS, MAX_TOKENS, Violations
 
 __all__ = ["AuthPoolService", "mask_email"]
@@ -135,12 +136,14 @@ class AuthPoolService(authpool_pb2_grpc.AuthPoolServicer):
         check.subscription_type("subscription_type", request.subscription_type)
         check.labels("labels", request.labels)
         check.raise_if_any()
+        annotate(client_id=request.client_id)
         allocation = await self._pool.allocate(
             request.client_id,
             session_id=request.session_id,
             wanted_type=request.subscription_type,
             labels=sorted(request.labels.items()),
         )
+        annotate(subscription_id=allocation.lease.subscription_id, decision=str(allocation.kind))
         return pb.AllocateResponse(
             lease=self._lease(allocation.lease),
             decision=_DECISION[allocation.kind],
@@ -154,6 +157,7 @@ class AuthPoolService(authpool_pb2_grpc.AuthPoolServicer):
         check.fencing_token("fencing_token", request.fencing_token)
         check.raise_if_any()
         renewal = await self._pool.renew(request.lease_id, request.fencing_token)
+        annotate(client_id=renewal.lease.client_id, subscription_id=renewal.lease.subscription_id)
         return pb.RenewResponse(lease=self._lease(renewal.lease), moved=renewal.moved)
 
     @_errors_as_status
@@ -190,6 +194,7 @@ class AuthPoolService(authpool_pb2_grpc.AuthPoolServicer):
         if reset_at < 0:
             check.add("provider_limits.reset_time", "must be after 1970")
         check.raise_if_any()
+        annotate(outcome=str(_OUTCOME[request.outcome]))
         ack = await self._pool.report_usage(
             UsageReport(
                 request_id=request.request_id,
@@ -204,6 +209,7 @@ class AuthPoolService(authpool_pb2_grpc.AuthPoolServicer):
                 provider_reset_at=reset_at,
             )
         )
+        annotate(subscription_id=ack.subscription_id)
         return pb.ReportUsageResponse(duplicate=ack.duplicate, subscription_id=ack.subscription_id)
 
     @_errors_as_status

@@ -19,7 +19,10 @@ import sys
 from pathlib import Path
 
 from authpool_server.domain import MICROS_PER_UNIT, PoolSpec, RebalancePolicy, SubscriptionSpec
+from authpool_server.security.settings import SecuritySettings
 from authpool_server.server import Server
+
+NO_AUTH = SecuritySettings().without_auth()
 
 __all__ = ["bench_spec", "main"]
 
@@ -48,7 +51,7 @@ def bench_spec(subscriptions: int, max_clients: int, ttl_seconds: float) -> Pool
 
 async def _serve(args: argparse.Namespace) -> None:
     spec = bench_spec(args.subscriptions, args.max_clients, args.ttl)
-    server = Server(spec, data_dir=Path(args.data_dir), listen=args.listen, grace_seconds=2.0)
+    server = Server(spec, data_dir=Path(args.data_dir), security=NO_AUTH, listen=args.listen, grace_seconds=2.0)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

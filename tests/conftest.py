@@ -10,7 +10,11 @@ import pytest
 from authpool_client.api import authpool_pb2_grpc
 
 from authpool_server.domain import MICROS_PER_UNIT, PoolSpec, RebalancePolicy, SubscriptionSpec
+from authpool_server.security.settings import SecuritySettings
 from authpool_server.server import Server
+
+# Tests about the pool talk to it without credentials; tests/integration/test_auth*.py are about auth.
+NO_AUTH = SecuritySettings().without_auth()
 
 
 class FakeClock:
@@ -66,7 +70,9 @@ def spec() -> PoolSpec:
 
 @pytest.fixture
 async def server(tmp_path: Path, spec: PoolSpec, clock: FakeClock) -> AsyncIterator[Server]:
-    server = Server(spec, data_dir=tmp_path, listen="127.0.0.1:0", background=False, clock=clock, grace_seconds=1)
+    server = Server(
+        spec, data_dir=tmp_path, security=NO_AUTH, listen="127.0.0.1:0", background=False, clock=clock, grace_seconds=1
+    )
     await server.start()
     try:
         yield server

@@ -33,24 +33,33 @@ def write_config(path: Path, *, subscriptions: int = 3, max_clients: int = 50, t
         "fallbackWhenExhausted": True,
         "credentialsRoot": str(path.parent),
         "leaseTtlSeconds": ttl,
+        # These servers are driven flat out to test durability, not the rate limiter.
+        "security": {"rateLimits": {"enabled": False}},
     }
     path.write_text(json.dumps(config))
     return path
 
 
 class ServerProcess:
-    """`authpool serve` on a free port with its store in `data_dir`."""
+    """`authpool serve` on a free port with its store in `data_dir`.
 
-    def __init__(self, config: Path, data_dir: Path) -> None:
+    Without `env` tokens it runs with --insecure-no-auth; the admin port is
+    on a free port too (`admin_port`), so several servers never collide.
+    """
+
+    def __init__(self, config: Path, data_dir: Path, env: dict[str, str] | None = None) -> None:
         self.config = config
         self.data_dir = data_dir
+        self.env = env or {}
         self.process: subprocess.Popen[str] | None = None
         self.port = 0
+        self.admin_port = 0
         self.log = data_dir / "server.log"
 
     def start(self, timeout: float = 20.0) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "LOG_FORMAT": "json", "LOG_LEVEL": "info"}
+        env = {**os.environ, "LOG_FORMAT": "json", "LOG_LEVEL": "info", **self.env}
+        with_tokens = any(name.startswith("AUTHPOOL_") and "TOKEN" in name for name in self.env)
         with self.log.open("a") as log:
             self.process = subprocess.Popen(
                 [
@@ -62,6 +71,9 @@ class ServerProcess:
                     str(self.data_dir),
                     "--listen",
                     "127.0.0.1:0",
+                    "--admin-listen",
+                    "127.0.0.1:0",
+                    *([] if with_tokens else ["--insecure-no-auth"]),
                 ],
                 stdout=log,
                 stderr=log,
@@ -82,6 +94,7 @@ class ServerProcess:
                 if line.startswith("{"):
                     entry = json.loads(line)
                     if entry["message"] == "serving" and entry["context"].get("pid") == self.process.pid:
+                        self.admin_port = int(entry["context"]["admin_port"])
                         return int(entry["context"]["port"])
             time.sleep(0.05)
         raise TimeoutError(f"server did not start:\n{self.log.read_text()}")

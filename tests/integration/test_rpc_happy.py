@@ -26,7 +26,7 @@ from google.rpc import error_details_pb2
 
 from authpool_server.domain import PoolSpec
 from authpool_server.server import Server
-from tests.conftest import FakeClock, make_spec
+from tests.conftest import NO_AUTH, FakeClock, make_spec
 from tests.integration.rich_errors import error_details
 
 UNIT = 1_000_000  # micro-units per budget unit
@@ -810,7 +810,9 @@ async def test_a_new_window_restores_an_exhausted_subscription(stub: Stub, clock
 @contextlib.asynccontextmanager
 async def serving(spec: PoolSpec, data_dir: Path, clock: FakeClock) -> AsyncIterator[Stub]:
     """A server like conftest's `server` fixture, for tests that restart it on the same data."""
-    server = Server(spec, data_dir=data_dir, listen="127.0.0.1:0", background=False, clock=clock, grace_seconds=1)
+    server = Server(
+        spec, data_dir=data_dir, security=NO_AUTH, listen="127.0.0.1:0", background=False, clock=clock, grace_seconds=1
+    )
     await server.start()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:

@@ -17,7 +17,7 @@ from authpool_client.api import authpool_pb2_grpc
 
 from authpool_server.domain import PoolSpec
 from authpool_server.server import Server
-from tests.conftest import FakeClock, make_spec
+from tests.conftest import NO_AUTH, FakeClock, make_spec
 
 UNIT = 1_000_000
 Stub = authpool_pb2_grpc.AuthPoolStub
@@ -171,7 +171,15 @@ async def test_status_forecasts_spend_to_the_end_of_the_window(stub: Stub, clock
 async def test_drain_and_auth_failures_survive_a_restart(tmp_path: Path, clock: FakeClock) -> None:
     spec = make_spec(ttl=600)
     for attempt in range(2):
-        server = Server(spec, data_dir=tmp_path, listen="127.0.0.1:0", background=False, clock=clock, grace_seconds=1)
+        server = Server(
+            spec,
+            data_dir=tmp_path,
+            security=NO_AUTH,
+            listen="127.0.0.1:0",
+            background=False,
+            clock=clock,
+            grace_seconds=1,
+        )
         await server.start()
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:

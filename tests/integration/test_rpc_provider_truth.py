@@ -16,7 +16,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from authpool_server.domain import PoolSpec
 from authpool_server.server import DATABASE_FILE, Server
 from authpool_server.store.sqlite import SCHEMA_VERSION, SQLiteStore
-from tests.conftest import FakeClock, make_spec
+from tests.conftest import NO_AUTH, FakeClock, make_spec
 
 UNIT = 1_000_000
 Stub = authpool_pb2_grpc.AuthPoolStub
@@ -99,7 +99,14 @@ async def test_an_impossible_remaining_share_is_rejected_by_field(stub: Stub, re
 
 async def test_the_providers_word_survives_a_restart(tmp_path: Path, clock: FakeClock) -> None:
     for attempt in range(2):
-        server = Server(make_spec(ttl=86_400), data_dir=tmp_path, listen="127.0.0.1:0", background=False, clock=clock)
+        server = Server(
+            make_spec(ttl=86_400),
+            data_dir=tmp_path,
+            security=NO_AUTH,
+            listen="127.0.0.1:0",
+            background=False,
+            clock=clock,
+        )
         await server.start()
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:

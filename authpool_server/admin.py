@@ -1,0 +1,165 @@
+"""The admin HTTP port: /metrics for Prometheus, /debug/auth-pool and /debug/memory for people.
+
+- `/metrics` is open (scrapers rarely carry tokens; keep the port inside the
+  cluster network): the Prometheus text format of every metric in
+  `telemetry.metrics`, plus the Python process collector's.
+- `/debug/auth-pool` is the data of `Status` as JSON in the shape the guide's
+  `jq` recipes use (`.status[] | select(.status == "limited")`,
+  `[.status[].assignedClients | length] | add`).
+- `/debug/memory` is what to look at when memory grows: RSS, live leases,
+  watchers and their backlogs, the commit queue, asyncio tasks.
+
+Both debug pages need an operator (or admin) bearer token, like the `Status`
+RPC, unless the server runs with --insecure-no-auth. Emails are masked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import threading
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+
+from authpool_server.domain import MICROS_PER_UNIT
+from authpool_server.pool import Pool
+from authpool_server.security.roles import Role
+from authpool_server.security.settings import SecuritySettings
+from authpool_server.service import mask_email
+from authpool_server.telemetry.metrics import Metrics, resident_memory_bytes
+
+__all__ = ["AdminServer", "status_document"]
+
+log = logging.getLogger(__name__)
+
+
+def _iso(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).isoformat().replace("+00:00", "Z")
+
+
+def _units(micros: int) -> float:
+    return micros / MICROS_PER_UNIT
+
+
+def status_document(pool: Pool) -> dict[str, Any]:
+    """The pool's status as JSON for people and `jq`: camelCase, money in currency units."""
+    status = pool.status(include_clients=True)
+    clients: dict[str, list[str]] = {}
+    for lease in status.leases:
+        clients.setdefault(lease.subscription_id, []).append(lease.client_id)
+    subscriptions = [
+        {
+            "id": view.spec.id,
+            "type": view.spec.type,
+            "email": mask_email(view.spec.email),
+            "status": str(view.status),
+            "healthScore": view.health,
+            "assignedClients": sorted(clients.get(view.spec.id, [])),
+            "maxClients": view.spec.max_clients,
+            "weeklyUsage": _units(view.window_usage_micros),
+            "weeklyBudget": _units(view.spec.weekly_budget_micros),
+            "utilization": view.window_usage_micros / view.spec.weekly_budget_micros,
+            "projectedUsage": _units(view.forecast.projected_window_spend_micros),
+            "spendRatePerHour": _units(view.forecast.spend_rate_micros_per_hour),
+            "secondsToThreshold": view.forecast.seconds_to_threshold,
+            "recentErrorRate": view.error_rate,
+            "windowStart": _iso(view.window_start),
+            "windowEnd": _iso(view.window_end),
+        }
+        for view in status.subscriptions
+    ]
+    views = status.subscriptions
+    return {
+        "asOf": _iso(status.as_of),
+        "status": subscriptions,
+        "fallback": {
+            "id": pool.spec.fallback.id,
+            "assignedClients": sorted(clients.get(pool.spec.fallback.id, [])),
+            "usage": _units(status.fallback_usage_micros),
+        },
+        "totals": {
+            "subscriptions": len(views),
+            "liveClients": sum(view.live_clients for view in views) + status.fallback_clients,
+            "averageHealth": sum(view.health for view in views) / len(views) if views else 0.0,
+            "weeklyUsage": _units(sum(view.window_usage_micros for view in views)),
+            "weeklyBudget": _units(sum(view.spec.weekly_budget_micros for view in views)),
+            "lastSequence": status.last_sequence,
+        },
+    }
+
+
+class AdminServer:
+    """Serves the admin pages on `listen` (host:port; port 0 picks a free one) in the server's loop."""
+
+    def __init__(self, pool: Pool, metrics: Metrics | None, security: SecuritySettings, listen: str) -> None:
+        self._pool = pool
+        self._metrics = metrics
+        self._security = security
+        self._listen = listen
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/metrics", self._metrics_page)
+        app.router.add_get("/debug/auth-pool", self._status_page)
+        app.router.add_get("/debug/memory", self._memory_page)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        host, _, port = self._listen.rpartition(":")
+        site = web.TCPSite(runner, host.strip("[]"), int(port))
+        await site.start()
+        self._runner = runner
+        self.port = int(runner.addresses[0][1])
+        log.info("admin HTTP serving", extra={"context": {"listen": self._listen, "port": self.port}})
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    def _refused(self, request: web.Request) -> web.Response | None:
+        """401/403 unless the request carries an operator token (or auth is off)."""
+        if not self._security.auth_required:
+            return None
+        scheme, _, token = request.headers.get("Authorization", "").strip().partition(" ")
+        principal = self._security.tokens.principal(token.strip()) if scheme.lower() == "bearer" else None
+        if principal is None:
+            return web.json_response(
+                {"error": "an operator bearer token is required (Authorization: Bearer <token>)"},
+                status=401,
+                headers={"WWW-Authenticate": 'Bearer realm="authpool"'},
+            )
+        if principal.role < Role.OPERATOR:
+            return web.json_response(
+                {"error": f"needs the operator role; this caller has {principal.role}"}, status=403
+            )
+        return None
+
+    async def _metrics_page(self, request: web.Request) -> web.Response:
+        if self._metrics is not None:
+            self._metrics.refresh()
+        # generate_latest runs the collectors, the OpenTelemetry reader among them (a few ms).
+        body = await asyncio.to_thread(generate_latest, REGISTRY)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _status_page(self, request: web.Request) -> web.Response:
+        if (refused := self._refused(request)) is not None:
+            return refused
+        return web.json_response(status_document(self._pool))
+
+    async def _memory_page(self, request: web.Request) -> web.Response:
+        if (refused := self._refused(request)) is not None:
+            return refused
+        return web.json_response(
+            {
+                "rssBytes": resident_memory_bytes(),
+                "pool": self._pool.memory(),
+                "asyncioTasks": len(asyncio.all_tasks()),
+                "threads": threading.active_count(),
+                "gcCounts": list(gc.get_count()),
+            }
+        )

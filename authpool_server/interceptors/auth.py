@@ -1,0 +1,98 @@
+"""Who is calling, and may they call this method: UNAUTHENTICATED or PERMISSION_DENIED otherwise.
+
+A caller is identified by a bearer token in the `authorization` metadata or,
+with mutual TLS, by its client certificate; a token, when present, decides
+(a wrong token is refused even over a trusted certificate). The token never
+leaves this module: not in errors, logs or spans.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+from authpool_server.errors import AuthPoolError, PermissionDenied, Unauthenticated
+from authpool_server.grpc_paths import method_name, service_of
+from authpool_server.interceptors.wrapping import BehaviorInterceptor
+from authpool_server.rpc_errors import to_status
+from authpool_server.security.roles import Principal, Role, required_role
+from authpool_server.security.settings import SecuritySettings
+from authpool_server.telemetry.call import current_call
+
+__all__ = ["ANONYMOUS", "AuthInterceptor"]
+
+log = logging.getLogger(__name__)
+
+ANONYMOUS = Principal("anonymous", Role.ADMIN)  # only ever used with --insecure-no-auth
+_NO_ONE = Principal("-", Role.CLIENT)  # callers of open services
+
+
+def _metadata(context: grpc.aio.ServicerContext, key: str) -> str | None:
+    for item_key, value in context.invocation_metadata() or ():
+        if item_key == key:
+            return value if isinstance(value, str) else None
+    return None
+
+
+class AuthInterceptor(BehaviorInterceptor):
+    def __init__(self, security: SecuritySettings) -> None:
+        super().__init__()
+        self._security = security
+
+    async def around(self, method: str, context: grpc.aio.ServicerContext, proceed: Callable[[], Any]) -> Any:
+        principal, refusal = self._check(method, context)
+        call = current_call()
+        if call is not None and principal is not None:
+            call.principal = principal.name
+        if refusal is not None:
+            log.info(
+                "call refused",
+                extra={"context": {"method": method_name(method), "reason": refusal.reason, "peer": context.peer()}},
+            )
+            await context.abort_with_status(to_status(refusal))
+        return await proceed()
+
+    def _check(self, method: str, context: grpc.aio.ServicerContext) -> tuple[Principal | None, AuthPoolError | None]:
+        """The caller, and why it is refused (None when allowed)."""
+        if service_of(method) in self._security.open_services:
+            return _NO_ONE, None
+        if not self._security.auth_required:
+            return ANONYMOUS, None
+        principal = self._identify(context)
+        if isinstance(principal, Unauthenticated):
+            return None, principal
+        needed = required_role(method)
+        if needed is None or principal.role < needed:
+            return principal, PermissionDenied(method_name(method), str(principal.role), str(needed or "no"))
+        return principal, None
+
+    def _identify(self, context: grpc.aio.ServicerContext) -> Principal | Unauthenticated:
+        header = _metadata(context, "authorization")
+        if header is not None:
+            scheme, _, token = header.strip().partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                return Unauthenticated("authorization: expected 'Bearer <token>'")
+            principal = self._security.tokens.principal(token.strip())
+            if principal is None:
+                return Unauthenticated("authorization: the token is not valid")
+            return principal
+        if self._security.certificates:
+            principal = self._certificate_principal(context)
+            if principal is not None:
+                return principal
+            return Unauthenticated("no bearer token, and the client certificate maps to no principal")
+        return Unauthenticated("authorization: a bearer token is required ('authorization: Bearer <token>')")
+
+    def _certificate_principal(self, context: grpc.aio.ServicerContext) -> Principal | None:
+        auth = context.auth_context()
+        subject = (auth.get("x509_subject") or [b""])[0].decode(errors="replace")
+        common_name = (auth.get("x509_common_name") or [b""])[0].decode(errors="replace")
+        if not subject and not common_name:
+            return None
+        for entry in self._security.certificates:
+            if entry.matches(subject, common_name):
+                return entry.principal
+        return None

@@ -1,0 +1,1 @@
+"""Who may call what: principals, roles, tokens, TLS identities and rate limits."""

@@ -1,0 +1,1 @@
+"""Operations signals: OpenTelemetry traces and metrics, the per-call record, Sentry."""

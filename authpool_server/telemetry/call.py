@@ -1,0 +1,62 @@
+"""What one RPC was about, gathered as it runs, for its access-log line, metrics and span.
+
+The access interceptor opens a `Call` for each RPC; the auth interceptor
+fills in the principal, and the service annotates the client, subscription
+and decision through `annotate`, which also puts them on the current span.
+Everything here is an identifier, never a secret or an email.
+"""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+from dataclasses import dataclass
+
+from opentelemetry import trace
+
+__all__ = ["Call", "annotate", "current_call", "open_call"]
+
+_ATTRIBUTES = {
+    "client_id": "authpool.client_id",
+    "subscription_id": "authpool.subscription_id",
+    "decision": "authpool.decision",
+    "principal": "authpool.principal",
+    "outcome": "authpool.usage.outcome",
+}
+
+
+@dataclass(slots=True)
+class Call:
+    method: str
+    principal: str = ""
+    client_id: str = ""
+    subscription_id: str = ""
+    decision: str = ""
+    outcome: str = ""  # of a reported provider call
+
+
+_CURRENT: ContextVar[Call | None] = ContextVar("authpool_call", default=None)
+
+
+def open_call(method: str) -> tuple[Call, object]:
+    """Start the record of an RPC; pass the token to `close_call` when it ends."""
+    call = Call(method)
+    return call, _CURRENT.set(call)
+
+
+def close_call(token: object) -> None:
+    _CURRENT.reset(token)  # type: ignore[arg-type]
+
+
+def current_call() -> Call | None:
+    return _CURRENT.get()
+
+
+def annotate(**fields: str) -> None:
+    """Record identifiers of the current RPC (client_id, subscription_id, decision, principal)."""
+    call = _CURRENT.get()
+    if call is not None:
+        for name, value in fields.items():
+            setattr(call, name, value)
+    span = trace.get_current_span()
+    if span.is_recording():
+        span.set_attributes({_ATTRIBUTES[name]: value for name, value in fields.items() if value})

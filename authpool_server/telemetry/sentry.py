@@ -1,0 +1,59 @@
+"""Optional error reporting to Sentry: on when `SENTRY_DSN` is set and `sentry-sdk` is installed.
+
+`pip install 'authpool[sentry]'` adds the SDK. Errors logged at ERROR level
+(unexpected exceptions in handlers and background work) become Sentry
+events. Nothing personal or secret is sent: no default PII, no local
+variables of stack frames (a frame may hold a token), and events pass
+through the same email masking as the logs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from authpool_server import __version__
+from authpool_server.logs import mask_emails
+
+__all__ = ["init_sentry"]
+
+log = logging.getLogger(__name__)
+
+
+def _scrub(value: Any) -> Any:
+    if isinstance(value, str):
+        return mask_emails(value)
+    if isinstance(value, dict):
+        return {key: _scrub(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_scrub(item) for item in value]
+    return value
+
+
+def _before_send(event: dict[str, Any], hint: dict[str, Any]) -> dict[str, Any]:
+    return _scrub(event)  # type: ignore[no-any-return]
+
+
+def init_sentry(env: Mapping[str, str]) -> bool:
+    """Start reporting errors to Sentry if the environment asks for it; says whether it did."""
+    dsn = env.get("SENTRY_DSN", "").strip()
+    if not dsn:
+        return False
+    try:
+        import sentry_sdk
+    except ImportError:
+        log.warning("SENTRY_DSN is set but sentry-sdk is not installed (pip install 'authpool[sentry]'); not reporting")
+        return False
+    sentry_sdk.init(
+        dsn=dsn,
+        release=f"authpool@{__version__}",
+        environment=env.get("SENTRY_ENVIRONMENT") or None,
+        send_default_pii=False,
+        include_local_variables=False,
+        traces_sample_rate=0.0,  # tracing goes to OpenTelemetry
+        before_send=_before_send,
+        before_breadcrumb=lambda crumb, hint: _scrub(crumb),
+    )
+    log.info("reporting errors to Sentry")
+    return True
