@@ -44,9 +44,10 @@ class CertificateRole:
 
 @dataclass(frozen=True, slots=True)
 class TlsFiles:
-    cert_chain: bytes
+    # No PEM in reprs: a key may sit in the same file as its certificate.
+    cert_chain: bytes = field(repr=False)
     private_key: bytes = field(repr=False)
-    client_ca: bytes | None
+    client_ca: bytes | None = field(repr=False)
     require_client_cert: bool
 
 
