@@ -1,6 +1,6 @@
 """Authentication and authorisation over real channels: every role against every method.
 
-The tokens below are the only secrets in the test suite; the `_no_token_in_logs`
+The tokens below are the only secrets in the test suite; the `no_token_in_logs`
 fixture fails any test of this module whose log output (every logger, every
 level, formatted as JSON exactly as production writes it) contains one.
 """
@@ -8,6 +8,7 @@ level, formatted as JSON exactly as production writes it) contains one.
 from __future__ import annotations
 
 import io
+import json
 import logging
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -65,7 +66,7 @@ def auth_settings() -> SecuritySettings:
 
 
 @pytest.fixture(autouse=True)
-def _no_token_in_logs() -> Iterator[io.StringIO]:
+def no_token_in_logs() -> Iterator[io.StringIO]:
     output = io.StringIO()
     handler = logging.StreamHandler(output)
     handler.setFormatter(JsonFormatter())
@@ -173,7 +174,8 @@ async def test_bad_or_missing_tokens_are_unauthenticated_and_change_nothing(
     for token in TOKENS.values():
         assert token not in (raised.value.details() or "")
     status = await stub.Status(pb.StatusRequest(include_clients=True), metadata=bearer(TOKENS[Role.OPERATOR]))
-    assert status.totals.live_clients == 0 and not status.clients
+    assert status.totals.live_clients == 0
+    assert not status.clients
 
 
 async def test_a_rotated_token_and_its_predecessor_both_work(channel: grpc.aio.Channel) -> None:
@@ -202,14 +204,12 @@ async def test_a_closed_health_service_needs_a_token(tmp_path: Path, clock: Fake
 
 
 async def test_the_access_log_names_the_principal_never_the_token(
-    channel: grpc.aio.Channel, _no_token_in_logs: io.StringIO
+    channel: grpc.aio.Channel, no_token_in_logs: io.StringIO
 ) -> None:
     await call(channel, "Allocate", bearer(TOKENS[Role.CLIENT]))
     await call(channel, "Status", bearer(TOKENS[Role.CLIENT]))
     await call(channel, "Status", (("authorization", "Bearer wrong-wrong-wrong-wrong"),))
-    import json
-
-    lines = [json.loads(line) for line in _no_token_in_logs.getvalue().splitlines()]
+    lines = [json.loads(line) for line in no_token_in_logs.getvalue().splitlines()]
     access = [line["context"] for line in lines if line["module"] == "authpool.access"]
     assert [(a["method"], a["code"], a.get("principal")) for a in access] == [
         ("Allocate", "OK", "client-principal"),

@@ -106,6 +106,11 @@ async def test_an_over_long_field_is_named(stub: authpool_pb2_grpc.AuthPoolStub)
     assert [v.field for v in violations] == ["client_id"]
 
 
+async def drain(stream: AsyncIterator[object]) -> None:
+    async for _ in stream:
+        pass
+
+
 async def test_a_client_that_pings_too_often_is_disconnected(tmp_path: Path) -> None:
     keepalive = KeepaliveConfig(min_client_ping_interval_seconds=5, max_ping_strikes=1)
     security = SecuritySettings(keepalive=keepalive).without_auth()
@@ -120,11 +125,8 @@ async def test_a_client_that_pings_too_often_is_disconnected(tmp_path: Path) -> 
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}", options=abusive) as channel:
             stub = authpool_pb2_grpc.AuthPoolStub(channel)
-            stream = stub.WatchEvents(pb.WatchEventsRequest())
             with pytest.raises(grpc.aio.AioRpcError) as raised:
-                async with asyncio.timeout(15):
-                    async for _ in stream:
-                        pass
+                await asyncio.wait_for(drain(stub.WatchEvents(pb.WatchEventsRequest())), timeout=15)
             # The server answers ping floods with GOAWAY (ENHANCE_YOUR_CALM / too_many_pings).
             assert raised.value.code() is grpc.StatusCode.UNAVAILABLE
             assert raised.value.details() == "Too many pings"

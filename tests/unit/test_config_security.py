@@ -148,7 +148,9 @@ def test_tls_files_are_read_and_checked(tmp_path: Path, doc: dict[str, Any]) -> 
     }
     settings = load_doc(tmp_path, with_security(doc, security))
     tls = settings.security.tls
-    assert tls is not None and tls.require_client_cert and tls.client_ca == ca.cert_pem.bytes()
+    assert tls is not None
+    assert tls.require_client_cert
+    assert tls.client_ca == ca.cert_pem.bytes()
     assert settings.security.has_credentials  # a mapped certificate is a credential
     assert "PRIVATE KEY" not in repr(settings)
 
