@@ -9,7 +9,7 @@ LISTEN ?= 127.0.0.1:50051
 .PHONY: help venv run test test-unit test-integration bench simulate lint format proto proto-check clean
 
 help:
-	@echo "make run          serve the example config on $(LISTEN) (embedded SQLite store in ./var)"
+	@echo "make run          serve the example config on $(LISTEN), auth off (local development only)"
 	@echo "make test         run the whole test suite"
 	@echo "make bench        run the benchmarks; figures go to var/bench/latest.json"
 	@echo "make simulate     replay the shipped traces through the balancer; report and plots in var/sim/"
@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml
 venv: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/authpool serve --config $(CONFIG) --listen $(LISTEN)
+	$(BIN)/authpool serve --config $(CONFIG) --listen $(LISTEN) --insecure-no-auth
 
 test: $(STAMP)
 	$(BIN)/pytest

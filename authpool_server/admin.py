@@ -1,16 +1,23 @@
 """The admin HTTP port: /metrics for Prometheus, /debug/auth-pool and /debug/memory for people.
 
-- `/metrics` is open (scrapers rarely carry tokens; keep the port inside the
-  cluster network): the Prometheus text format of every metric in
-  `telemetry.metrics`, plus the Python process collector's.
+- `/metrics` is open, even with authentication on: Prometheus scrapers rarely
+  carry tokens, and what it serves is counts, gauges and latencies keyed by
+  subscription id and RPC method, never an email, a token, a client id or a
+  credential. Keep the admin port inside the cluster network. It is the
+  Prometheus text format of every metric in `telemetry.metrics`, plus the
+  Python process collector's (`process_*`, `python_*`).
 - `/debug/auth-pool` is the data of `Status` as JSON in the shape the guide's
-  `jq` recipes use (`.status[] | select(.status == "limited")`,
-  `[.status[].assignedClients | length] | add`).
-- `/debug/memory` is what to look at when memory grows: RSS, live leases,
-  watchers and their backlogs, the commit queue, asyncio tasks.
+  `jq` recipes use: `.status[] | select(.status == "limited")` lists the
+  limited subscriptions; `[.status[].assignedClients | length] | add` counts
+  every live client, because the pay-as-you-go fallback is the last entry of
+  `.status` (`"fallback": true`) while the pool may use it.
+- `/debug/memory` is what to look at when memory grows: RSS, the pool's live
+  and ended leases, usage records, watchers and their backlogs, the commit
+  queue, asyncio tasks.
 
 Both debug pages need an operator (or admin) bearer token, like the `Status`
-RPC, unless the server runs with --insecure-no-auth. Emails are masked.
+RPC (401 without a known token, 403 for a client), unless the server runs
+with --insecure-no-auth. Emails are masked.
 """
 
 from __future__ import annotations
@@ -23,16 +30,16 @@ from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from authpool_server.domain import MICROS_PER_UNIT
+from authpool_server.domain import MICROS_PER_UNIT, SubscriptionStatus
 from authpool_server.pool import Pool
 from authpool_server.security.roles import Role
 from authpool_server.security.settings import SecuritySettings
 from authpool_server.service import mask_email
 from authpool_server.telemetry.metrics import Metrics, resident_memory_bytes
 
-__all__ = ["AdminServer", "status_document"]
+__all__ = ["AdminServer", "memory_document", "status_document"]
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +58,11 @@ def status_document(pool: Pool) -> dict[str, Any]:
     clients: dict[str, list[str]] = {}
     for lease in status.leases:
         clients.setdefault(lease.subscription_id, []).append(lease.client_id)
-    subscriptions = [
+    entries: list[dict[str, Any]] = [
         {
             "id": view.spec.id,
             "type": view.spec.type,
+            "fallback": False,
             "email": mask_email(view.spec.email),
             "status": str(view.status),
             "healthScore": view.health,
@@ -72,35 +80,75 @@ def status_document(pool: Pool) -> dict[str, Any]:
         }
         for view in status.subscriptions
     ]
+    fallback = pool.spec.fallback
+    fallback_clients = sorted(clients.get(fallback.id, []))
+    if pool.spec.fallback_when_exhausted or fallback_clients:
+        # In `.status` so that the guide's session count includes its clients.
+        in_use = SubscriptionStatus.ACTIVE if pool.spec.fallback_when_exhausted else SubscriptionStatus.DISABLED
+        entries.append(
+            {
+                "id": fallback.id,
+                "type": fallback.type,
+                "fallback": True,
+                "status": str(in_use),
+                "assignedClients": fallback_clients,
+                "usage": _units(status.fallback_usage_micros),  # pay-as-you-go: within usage retention
+            }
+        )
     views = status.subscriptions
     return {
         "asOf": _iso(status.as_of),
-        "status": subscriptions,
-        "fallback": {
-            "id": pool.spec.fallback.id,
-            "assignedClients": sorted(clients.get(pool.spec.fallback.id, [])),
-            "usage": _units(status.fallback_usage_micros),
-        },
-        "totals": {
+        "status": entries,
+        "totals": {  # as in the Status RPC's totals
             "subscriptions": len(views),
-            "liveClients": sum(view.live_clients for view in views) + status.fallback_clients,
-            "averageHealth": sum(view.health for view in views) / len(views) if views else 0.0,
+            "activeSubscriptions": sum(1 for view in views if view.status is SubscriptionStatus.ACTIVE),
+            "liveClients": sum(view.live_clients for view in views),
+            "fallbackClients": status.fallback_clients,
             "weeklyUsage": _units(sum(view.window_usage_micros for view in views)),
             "weeklyBudget": _units(sum(view.spec.weekly_budget_micros for view in views)),
+            "fallbackUsage": _units(status.fallback_usage_micros),
+            "averageHealth": sum(view.health for view in views) / len(views) if views else 0.0,
             "lastSequence": status.last_sequence,
         },
+    }
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(part.capitalize() for part in rest)
+
+
+def memory_document(pool: Pool) -> dict[str, Any]:
+    """What holds memory, camelCase like the rest of the admin pages."""
+    held = {_camel(key): value for key, value in pool.memory().items()}
+    held["watchers"] = len(held["watcherBacklogs"])
+    return {
+        "rssBytes": resident_memory_bytes(),
+        "pool": held,
+        "asyncioTasks": len(asyncio.all_tasks()),
+        "threads": threading.active_count(),
+        "gcCounts": list(gc.get_count()),
     }
 
 
 class AdminServer:
     """Serves the admin pages on `listen` (host:port; port 0 picks a free one) in the server's loop."""
 
-    def __init__(self, pool: Pool, metrics: Metrics | None, security: SecuritySettings, listen: str) -> None:
+    def __init__(
+        self,
+        pool: Pool,
+        metrics: Metrics | None,
+        registry: CollectorRegistry,
+        security: SecuritySettings,
+        listen: str,
+    ) -> None:
         self._pool = pool
         self._metrics = metrics
+        self._registry = registry
         self._security = security
         self._listen = listen
         self._runner: web.AppRunner | None = None
+        self._scraping = asyncio.Lock()
         self.port = 0
 
     async def start(self) -> None:
@@ -140,10 +188,14 @@ class AdminServer:
         return None
 
     async def _metrics_page(self, request: web.Request) -> web.Response:
-        if self._metrics is not None:
-            self._metrics.refresh()
-        # generate_latest runs the collectors, the OpenTelemetry reader among them (a few ms).
-        body = await asyncio.to_thread(generate_latest, REGISTRY)
+        # One scrape at a time (two Prometheus replicas scrape the same target): the
+        # OpenTelemetry reader queues each collection and drains the queue when it
+        # renders, so overlapping scrapes could render one collection twice.
+        async with self._scraping:
+            if self._metrics is not None:
+                self._metrics.refresh()
+            # generate_latest runs the collectors, the OpenTelemetry reader among them (a few ms).
+            body = await asyncio.to_thread(generate_latest, self._registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _status_page(self, request: web.Request) -> web.Response:
@@ -154,12 +206,4 @@ class AdminServer:
     async def _memory_page(self, request: web.Request) -> web.Response:
         if (refused := self._refused(request)) is not None:
             return refused
-        return web.json_response(
-            {
-                "rssBytes": resident_memory_bytes(),
-                "pool": self._pool.memory(),
-                "asyncioTasks": len(asyncio.all_tasks()),
-                "threads": threading.active_count(),
-                "gcCounts": list(gc.get_count()),
-            }
-        )
+        return web.json_response(memory_document(self._pool))

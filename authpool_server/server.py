@@ -12,6 +12,7 @@ store closed, and the last spans and metrics are exported.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -84,7 +85,11 @@ class Server:
         self.metrics = Metrics(self.telemetry.meter_provider, self.pool) if intercept else None
         self._intercept = intercept
         self._listen = listen
-        self._admin = AdminServer(self.pool, self.metrics, security, admin_listen) if admin_listen is not None else None
+        self._admin = (
+            AdminServer(self.pool, self.metrics, self.telemetry.registry, security, admin_listen)
+            if admin_listen is not None
+            else None
+        )
         self._grace = grace_seconds
         self._background = background
         self._server: grpc.aio.Server | None = None
@@ -107,6 +112,15 @@ class Server:
         return server.add_secure_port(self._listen, credentials)
 
     async def start(self) -> None:
+        """Serve; if anything fails on the way, release what was started and re-raise."""
+        try:
+            await self._start()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self._teardown(grace=0)
+            raise
+
+    async def _start(self) -> None:
         if not self.security.auth_required:
             log.warning(
                 "AUTHENTICATION IS OFF: every caller is an admin. For local development only; "
@@ -169,9 +183,12 @@ class Server:
 
     async def stop(self) -> None:
         """Drain and stop: in-flight calls finish, acknowledged state is flushed, telemetry is flushed."""
+        await self._teardown(self._grace)
+
+    async def _teardown(self, grace: float) -> None:
         await self.health.enter_graceful_shutdown()
         if self._server is not None:
-            await self._server.stop(self._grace)
+            await self._server.stop(grace)
         if self._sampler is not None:
             self._sampler.cancel()
         if self._admin is not None:

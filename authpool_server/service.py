@@ -194,7 +194,6 @@ class AuthPoolService(authpool_pb2_grpc.AuthPoolServicer):
         if reset_at < 0:
             check.add("provider_limits.reset_time", "must be after 1970")
         check.raise_if_any()
-        annotate(outcome=str(_OUTCOME[request.outcome]))
         ack = await self._pool.report_usage(
             UsageReport(
                 request_id=request.request_id,
@@ -209,7 +208,8 @@ class AuthPoolService(authpool_pb2_grpc.AuthPoolServicer):
                 provider_reset_at=reset_at,
             )
         )
-        annotate(subscription_id=ack.subscription_id)
+        # A retried report (same request_id) is answered again but counted once.
+        annotate(subscription_id=ack.subscription_id, outcome="" if ack.duplicate else str(_OUTCOME[request.outcome]))
         return pb.ReportUsageResponse(duplicate=ack.duplicate, subscription_id=ack.subscription_id)
 
     @_errors_as_status

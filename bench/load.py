@@ -62,6 +62,7 @@ class Run:
     health: health_pb2_grpc.HealthStub
     prefix: str
     sticky_fraction: float
+    metadata: tuple[tuple[str, str], ...] = ()
     measure_from: int = 0  # perf_counter_ns
     measure_until: int = 0
     latencies: dict[str, list[int]] = field(default_factory=dict)
@@ -83,7 +84,7 @@ async def _noop(run: Run, worker: int) -> None:
     clock, measure_from, until = time.perf_counter_ns, run.measure_from, run.measure_until
     while (start := clock()) < until:
         try:
-            await check(request, timeout=_CALL_TIMEOUT)
+            await check(request, timeout=_CALL_TIMEOUT, metadata=run.metadata)
         except grpc.aio.AioRpcError as error:
             run.errors[error.code().name] += 1
             continue
@@ -108,7 +109,7 @@ async def _allocate(run: Run, worker: int) -> None:
         if (start := clock()) >= until:
             return
         try:
-            reply = await allocate(request, timeout=_CALL_TIMEOUT)
+            reply = await allocate(request, timeout=_CALL_TIMEOUT, metadata=run.metadata)
         except grpc.aio.AioRpcError as error:
             run.errors[error.code().name] += 1
             continue
@@ -138,7 +139,7 @@ async def _lifecycle(run: Run, worker: int) -> None:
         measured = start >= measure_from
         try:
             request = pb.AllocateRequest(client_id=f"{run.prefix}-l{worker}-{n}")
-            reply = await stub.Allocate(request, timeout=_CALL_TIMEOUT)
+            reply = await stub.Allocate(request, timeout=_CALL_TIMEOUT, metadata=run.metadata)
             t1 = clock()
             lease = reply.lease
             if measured:
@@ -158,12 +159,15 @@ async def _lifecycle(run: Run, worker: int) -> None:
                         outcome=pb.USAGE_OUTCOME_OK,
                     ),
                     timeout=_CALL_TIMEOUT,
+                    metadata=run.metadata,
                 )
                 if measured:
                     report.append((clock() - t0) // _NS_PER_US)
             t0 = clock()
             released = await stub.Release(
-                pb.ReleaseRequest(lease_id=lease.lease_id, fencing_token=lease.fencing_token), timeout=_CALL_TIMEOUT
+                pb.ReleaseRequest(lease_id=lease.lease_id, fencing_token=lease.fencing_token),
+                timeout=_CALL_TIMEOUT,
+                metadata=run.metadata,
             )
             end = clock()
         except grpc.aio.AioRpcError as error:
@@ -254,16 +258,21 @@ async def _cpu_window(run: Run, server_pid: int | None) -> dict[str, float | Non
 async def _prime(run: Run) -> None:
     """Connect and run each RPC once, so connection set-up is not measured."""
     await run.health.Check(health_pb2.HealthCheckRequest(service=""), timeout=_CALL_TIMEOUT)
-    reply = await run.stub.Allocate(pb.AllocateRequest(client_id=f"{run.prefix}-prime"), timeout=_CALL_TIMEOUT)
+    reply = await run.stub.Allocate(
+        pb.AllocateRequest(client_id=f"{run.prefix}-prime"), timeout=_CALL_TIMEOUT, metadata=run.metadata
+    )
     lease = reply.lease
     await run.stub.ReportUsage(
         pb.ReportUsageRequest(
             request_id=f"{run.prefix}-prime", lease_id=lease.lease_id, fencing_token=lease.fencing_token
         ),
         timeout=_CALL_TIMEOUT,
+        metadata=run.metadata,
     )
     await run.stub.Release(
-        pb.ReleaseRequest(lease_id=lease.lease_id, fencing_token=lease.fencing_token), timeout=_CALL_TIMEOUT
+        pb.ReleaseRequest(lease_id=lease.lease_id, fencing_token=lease.fencing_token),
+        timeout=_CALL_TIMEOUT,
+        metadata=run.metadata,
     )
 
 
@@ -281,6 +290,8 @@ async def _run(args: argparse.Namespace) -> dict[str, object]:
             health=health_pb2_grpc.HealthStub(channel),
             prefix=args.prefix,
             sticky_fraction=args.sticky_fraction,
+            # A server with auth on gets BENCH_TOKEN, set by `python -m bench` (never in argv).
+            metadata=(("authorization", f"Bearer {token}"),) if (token := os.environ.get("BENCH_TOKEN")) else (),
         )
         await _prime(run)
         await _wait_for_go()

@@ -2,7 +2,8 @@
 
 Builds a pool large enough that the load never runs out of room or budget
 (every Allocate is NEW or STICKY, never FALLBACK), starts the real `Server`
-with its SQLite store on an ephemeral port, prints one JSON line
+with its SQLite store on an ephemeral port (with the whole interceptor chain,
+or with none: `--chain`), prints one JSON line
 ``{"port": ..., "pid": ...}`` once it is SERVING, and shuts down gracefully on
 SIGTERM or SIGINT.
 """
@@ -19,6 +20,7 @@ import sys
 from pathlib import Path
 
 from authpool_server.domain import MICROS_PER_UNIT, PoolSpec, RebalancePolicy, SubscriptionSpec
+from authpool_server.logs import configure_logging
 from authpool_server.security.settings import SecuritySettings
 from authpool_server.server import Server
 
@@ -71,8 +73,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--subscriptions", type=int, default=20)
     parser.add_argument("--max-clients", type=int, default=100_000)
     parser.add_argument("--ttl", type=float, default=600.0)
+    parser.add_argument(
+        "--chain",
+        choices=("full", "off"),
+        default="full",
+        help="full: the interceptor chain as deployed (auth, rate limits, JSON access log at INFO, metrics, "
+        "and spans when OTEL_EXPORTER_OTLP_ENDPOINT is set); off: no interceptors at all",
+    )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    if args.chain == "full":
+        configure_logging("info", "json")  # one access-log line per call, as in production
+    else:
+        logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     asyncio.run(_serve(args))
     return 0
 

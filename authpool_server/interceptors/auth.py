@@ -9,20 +9,19 @@ leaves this module: not in errors, logs or spans.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import Any
 
 import grpc
 
 from authpool_server.errors import AuthPoolError, PermissionDenied, Unauthenticated
 from authpool_server.grpc_paths import method_name, service_of
-from authpool_server.interceptors.wrapping import BehaviorInterceptor
+from authpool_server.interceptors.chain import Proceed
 from authpool_server.rpc_errors import to_status
 from authpool_server.security.roles import Principal, Role, required_role
 from authpool_server.security.settings import SecuritySettings
-from authpool_server.telemetry.call import current_call
+from authpool_server.telemetry.call import Call
 
-__all__ = ["ANONYMOUS", "AuthInterceptor"]
+__all__ = ["ANONYMOUS", "AuthStep"]
 
 log = logging.getLogger(__name__)
 
@@ -37,15 +36,14 @@ def _metadata(context: grpc.aio.ServicerContext, key: str) -> str | None:
     return None
 
 
-class AuthInterceptor(BehaviorInterceptor):
+class AuthStep:
     def __init__(self, security: SecuritySettings) -> None:
-        super().__init__()
         self._security = security
 
-    async def around(self, method: str, context: grpc.aio.ServicerContext, proceed: Callable[[], Any]) -> Any:
+    async def around(self, call: Call, context: grpc.aio.ServicerContext, proceed: Proceed) -> Any:
+        method = call.method
         principal, refusal = self._check(method, context)
-        call = current_call()
-        if call is not None and principal is not None:
+        if principal is not None:
             call.principal = principal.name
         if refusal is not None:
             log.info(

@@ -32,6 +32,7 @@ class Call:
     subscription_id: str = ""
     decision: str = ""
     outcome: str = ""  # of a reported provider call
+    admitted: bool = False  # reached the service: not refused by auth or a rate limit
 
 
 _CURRENT: ContextVar[Call | None] = ContextVar("authpool_call", default=None)

@@ -1,28 +1,44 @@
 """The service's metrics: one instrument per row of the guide's Key Metrics table, and then some.
 
-Names are OpenTelemetry's; in Prometheus format (/metrics) dots become
-underscores, units become suffixes and counters end in `_total`:
+Instruments are named the OpenTelemetry way (`authpool.allocations`); the
+Prometheus names below are what /metrics serves (dots become underscores,
+the unit becomes a suffix, counters end in `_total`, histograms come as
+`_bucket`, `_count` and `_sum`). Every series also carries `otel_scope_*` labels.
 
-| Guide's key metric        | Instrument (Prometheus name)                                            |
-|---------------------------|-------------------------------------------------------------------------|
-| Allocation success rate   | `authpool.allocations` by `decision` (`authpool_allocations_total`);     |
-|                           | `refused` when no lease was granted                                     |
-| Average health score      | `authpool.subscription.health` per subscription, `authpool.pool.health` |
-| Rebalancing frequency     | `authpool.rebalance.runs` by `trigger` (`..._runs_total`),              |
-|                           | `authpool.rebalance.moves`, `authpool.rebalance.duration` (seconds)     |
-| Failover rate             | `authpool_allocations_total{decision=~"failover|fallback"}` / all       |
-| Response time (p95)       | `rpc.server.duration` by method and code (`rpc_server_duration_seconds`)|
-| Memory usage              | `authpool.process.memory` (`authpool_process_memory_bytes`)              |
-| Error rate                | `rpc.server.duration` count by `rpc_grpc_status_code`;                  |
-|                           | `authpool.usage.reports` by provider `outcome`                          |
-| Fallback usage            | `authpool.fallback.clients`, `authpool.fallback.usage`                  |
-| Weekly usage, projection  | `authpool.subscription.usage`, `.budget`, `.utilization`,               |
-|                           | `.projected_usage`, `.live_clients`, `.status` (1 for the current one)  |
+| Guide's key metric      | Prometheus (PromQL sketch)                                                    |
+|-------------------------|-------------------------------------------------------------------------------|
+| Allocation success rate | `authpool_allocations_total` by `decision` (new, sticky, failover, fallback,  |
+|                         | refused): 1 - `{decision="refused"}` / all; refused is any Allocate that      |
+|                         | reached the pool and got no lease (calls refused by auth or a rate limit      |
+|                         | are not counted here; they are in `rpc_server_duration_seconds_count`)        |
+| Average health score    | `authpool_pool_health`; per subscription `authpool_subscription_health`       |
+| Rebalancing frequency   | `rate(authpool_rebalance_runs_total[1h])` by `trigger` (periodic, operator);  |
+|                         | `authpool_rebalance_moves_total`, `authpool_rebalance_duration_seconds`       |
+| Failover rate           | `authpool_allocations_total{decision=~"failover|fallback"}` / all             |
+| Response time (p95)     | `histogram_quantile(0.95, rpc_server_duration_seconds_bucket)` by             |
+|                         | `rpc_method`                                                                  |
+| Memory usage            | `authpool_process_memory_bytes` (resident set size)                           |
+| Error rate              | `rpc_server_duration_seconds_count{rpc_grpc_status_code!="0"}` / all, by      |
+|                         | `rpc_method`; provider errors: `authpool_usage_reports_total` by `outcome`    |
+|                         | (ok, rate_limited, auth_failed, server_error)                                 |
+
+The guide's dashboard panels, per subscription (label `subscription_id`):
+`authpool_subscription_usage` (spend in the current weekly window),
+`authpool_subscription_budget`, `authpool_subscription_utilization` (spend /
+budget), `authpool_subscription_projected_usage` (at window end),
+`authpool_subscription_live_clients`, and `authpool_subscription_status`
+(label `status`: 1 for the current one, 0 for the others). For the pool:
+`authpool_fallback_clients`, `authpool_fallback_usage`, `authpool_leases_live`
+and `authpool_watchers` (open WatchEvents streams). CPU is the Python process
+collector's `process_cpu_seconds_total`.
 
 Money is in currency units (the config's), as floats: for dashboards, not
 accounting. Gauges read a snapshot that `refresh` takes on the event loop
 (every few seconds, and before each scrape), because the pool is not
-thread-safe and the OTLP exporter collects from its own thread.
+thread-safe and the OTLP exporter collects from its own thread. Until the
+first snapshot (the server has not loaded its state) gauges report nothing
+rather than zeros, so a starting server (or one that never started) does not
+show a false dip or a second, empty copy of the series.
 """
 
 from __future__ import annotations
@@ -39,9 +55,13 @@ from opentelemetry.sdk.metrics import MeterProvider
 
 from authpool_server.domain import MICROS_PER_UNIT, SubscriptionStatus
 from authpool_server.grpc_paths import method_name, service_of
-from authpool_server.pool import Pool, PoolStatus, RebalanceOutcome
+from authpool_server.pool import Pool, PoolStatus, RebalanceOutcome, SubscriptionView
+from authpool_server.telemetry.call import Call
 
 __all__ = ["Metrics", "resident_memory_bytes"]
+
+_ALLOCATE = "/authpool.v1.AuthPool/Allocate"
+_REPORT_USAGE = "/authpool.v1.AuthPool/ReportUsage"
 
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -58,9 +78,9 @@ def resident_memory_bytes() -> int:
 
 @dataclass(frozen=True, slots=True)
 class _Snapshot:
-    status: PoolStatus | None = None
-    live_leases: int = 0
-    watchers: int = 0
+    status: PoolStatus
+    live_leases: int
+    watchers: int
 
 
 def _units(micros: int) -> float:
@@ -72,7 +92,8 @@ class Metrics:
 
     def __init__(self, provider: MeterProvider, pool: Pool) -> None:
         self._pool = pool
-        self._snapshot = _Snapshot()
+        self._rpc_attributes: dict[tuple[str, grpc.StatusCode], dict[str, object]] = {}
+        self._snapshot: _Snapshot | None = None
         meter = provider.get_meter("authpool")
         self._rpc_duration = meter.create_histogram(
             "rpc.server.duration", unit="s", description="Time to handle an RPC, by method and status code"
@@ -98,18 +119,20 @@ class Metrics:
 
     # -- events --------------------------------------------------------------
 
-    def rpc_finished(
-        self, method: str, code: grpc.StatusCode, seconds: float, *, decision: str = "", outcome: str = ""
-    ) -> None:
-        name = method_name(method)
-        self._rpc_duration.record(
-            seconds,
-            {"rpc.service": service_of(method), "rpc.method": name, "rpc.grpc.status_code": code.value[0]},
-        )
-        if name == "Allocate" and service_of(method) == "authpool.v1.AuthPool":
-            self._allocations.add(1, {"decision": decision or "refused"})
-        elif name == "ReportUsage" and code is grpc.StatusCode.OK and outcome:
-            self._usage_reports.add(1, {"outcome": outcome})
+    def rpc_finished(self, call: Call, code: grpc.StatusCode, seconds: float) -> None:
+        attributes = self._rpc_attributes.get((call.method, code))
+        if attributes is None:
+            attributes = self._rpc_attributes[(call.method, code)] = {
+                "rpc.service": service_of(call.method),
+                "rpc.method": method_name(call.method),
+                "rpc.grpc.status_code": code.value[0],
+            }
+        self._rpc_duration.record(seconds, attributes)
+        if call.method == _ALLOCATE and call.admitted:
+            # Calls refused by auth or a rate limit never asked the pool: not part of its success rate.
+            self._allocations.add(1, {"decision": call.decision or "refused"})
+        elif call.method == _REPORT_USAGE and code is grpc.StatusCode.OK and call.outcome:
+            self._usage_reports.add(1, {"outcome": call.outcome})
 
     def rebalanced(self, outcome: RebalanceOutcome, trigger: str) -> None:
         if outcome.dry_run:
@@ -131,17 +154,18 @@ class Metrics:
     # -- gauges --------------------------------------------------------------
 
     def _gauges(self, meter: Meter) -> None:
+        # name: (description, unit, callback); "1" is dimensionless (no Prometheus suffix).
         per_subscription = {
-            "authpool.subscription.health": ("Health score 0-100 (see balancer.health_score)", self._health),
-            "authpool.subscription.usage": ("Spend in the current weekly window, currency units", self._usage),
-            "authpool.subscription.budget": ("Weekly budget, currency units", self._budget),
-            "authpool.subscription.utilization": ("Weekly spend / budget", self._utilization),
-            "authpool.subscription.projected_usage": ("Projected spend at window end", self._projected),
-            "authpool.subscription.live_clients": ("Clients holding a lease", self._clients),
-            "authpool.subscription.status": ("1 for the subscription's current status, else 0", self._status),
+            "authpool.subscription.health": ("Health score 0-100 (see balancer.health_score)", "", self._health),
+            "authpool.subscription.usage": ("Spend in the current weekly window, currency units", "", self._usage),
+            "authpool.subscription.budget": ("Weekly budget, currency units", "", self._budget),
+            "authpool.subscription.utilization": ("Weekly spend / budget (1 is all of it)", "1", self._utilization),
+            "authpool.subscription.projected_usage": ("Projected spend at window end", "", self._projected),
+            "authpool.subscription.live_clients": ("Clients holding a lease", "", self._clients),
+            "authpool.subscription.status": ("1 for the subscription's current status, else 0", "", self._status),
         }
-        for name, (description, callback) in per_subscription.items():
-            meter.create_observable_gauge(name, callbacks=[callback], description=description)
+        for name, (description, unit, callback) in per_subscription.items():
+            meter.create_observable_gauge(name, callbacks=[callback], unit=unit, description=description)
         meter.create_observable_gauge(
             "authpool.pool.health", callbacks=[self._average_health], description="Average subscription health"
         )
@@ -161,9 +185,11 @@ class Metrics:
             "authpool.process.memory", unit="By", callbacks=[self._memory], description="Resident set size"
         )
 
-    def _views(self) -> Sequence:
-        status = self._snapshot.status
-        return status.subscriptions if status is not None else ()
+    def _views(self) -> Sequence[SubscriptionView]:
+        return self._snapshot.status.subscriptions if self._snapshot is not None else ()
+
+    def _pool_status(self) -> PoolStatus | None:
+        return self._snapshot.status if self._snapshot is not None else None
 
     def _health(self, _: CallbackOptions) -> Iterable[Observation]:
         return [Observation(v.health, {"subscription_id": v.spec.id}) for v in self._views()]
@@ -201,18 +227,20 @@ class Metrics:
         return [Observation(sum(v.health for v in views) / len(views))] if views else []
 
     def _fallback_clients(self, _: CallbackOptions) -> Iterable[Observation]:
-        status = self._snapshot.status
+        status = self._pool_status()
         return [Observation(status.fallback_clients)] if status is not None else []
 
     def _fallback_usage(self, _: CallbackOptions) -> Iterable[Observation]:
-        status = self._snapshot.status
+        status = self._pool_status()
         return [Observation(_units(status.fallback_usage_micros))] if status is not None else []
 
     def _live_leases(self, _: CallbackOptions) -> Iterable[Observation]:
-        return [Observation(self._snapshot.live_leases)]
+        snapshot = self._snapshot
+        return [Observation(snapshot.live_leases)] if snapshot is not None else []
 
     def _watchers(self, _: CallbackOptions) -> Iterable[Observation]:
-        return [Observation(self._snapshot.watchers)]
+        snapshot = self._snapshot
+        return [Observation(snapshot.watchers)] if snapshot is not None else []
 
     def _memory(self, _: CallbackOptions) -> Iterable[Observation]:
-        return [Observation(resident_memory_bytes())]
+        return [Observation(resident_memory_bytes())] if self._snapshot is not None else []

@@ -2,9 +2,10 @@
 
 `pip install 'authpool[sentry]'` adds the SDK. Errors logged at ERROR level
 (unexpected exceptions in handlers and background work) become Sentry
-events. Nothing personal or secret is sent: no default PII, no local
-variables of stack frames (a frame may hold a token), and events pass
-through the same email masking as the logs.
+events. Sentry's own tracing stays off (spans go to OpenTelemetry), so no
+transactions are made or sent. Nothing personal or secret is sent: no
+default PII, no local variables of stack frames (a frame may hold a token),
+and events pass through the same email masking as the logs.
 """
 
 from __future__ import annotations
@@ -49,9 +50,14 @@ def init_sentry(env: Mapping[str, str]) -> bool:
         dsn=dsn,
         release=f"authpool@{__version__}",
         environment=env.get("SENTRY_ENVIRONMENT") or None,
-        send_default_pii=False,
+        # No default PII: that is the SDK's default. Passing `send_default_pii=False`
+        # explicitly is deprecated in recent 2.x releases (a DeprecationWarning).
         include_local_variables=False,
-        traces_sample_rate=0.0,  # tracing goes to OpenTelemetry
+        # Tracing goes to OpenTelemetry. No sample rate means no Sentry tracing at
+        # all; a rate of 0 would still make (and drop, and report dropping) a
+        # transaction for every admin-port request.
+        traces_sample_rate=None,
+        trace_propagation_targets=[],  # nor sentry-trace/baggage headers on outgoing requests
         before_send=_before_send,
         before_breadcrumb=lambda crumb, hint: _scrub(crumb),
     )
