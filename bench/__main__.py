@@ -54,9 +54,10 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "var" / "bench" / "latest.json"
 LIFECYCLE_RPCS = 5  # Allocate, ReportUsage x3, Release
 # Every scenario runs against the server as deployed (the whole interceptor chain, with a token,
-# access logs and spans exported), except `allocate_bare`: Allocate on a server without interceptors.
-SCENARIOS = (*LOAD_SCENARIOS, "allocate_bare")
-LOAD = {**{name: name for name in LOAD_SCENARIOS}, "allocate_bare": "allocate"}
+# access logs and every span exported), except `allocate_untraced` (the same chain, with no trace
+# exporter configured, so no spans) and `allocate_bare` (no interceptors at all).
+SCENARIOS = (*LOAD_SCENARIOS, "allocate_untraced", "allocate_bare")
+LOAD = {**{name: name for name in LOAD_SCENARIOS}, "allocate_untraced": "allocate", "allocate_bare": "allocate"}
 _SERVER_START_TIMEOUT = 30.0
 _LOAD_READY_TIMEOUT = 30.0
 _DRIFT_WARNING = 0.15
@@ -104,7 +105,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.scenarios:
         args.schedule = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     else:
-        args.schedule = ["noop", *(["allocate", "allocate_bare", "lifecycle", "noop"] * max(1, args.rounds))]
+        rounds = ["allocate", "allocate_untraced", "allocate_bare", "lifecycle", "noop"] * max(1, args.rounds)
+        args.schedule = ["noop", *rounds]
     unknown = [s for s in args.schedule if s not in SCENARIOS]
     if unknown:
         parser.error(f"unknown scenarios {unknown}; choose from {', '.join(SCENARIOS)}")
@@ -145,9 +147,12 @@ def _readline(stream: Any, timeout: float) -> str:
 
 
 @contextlib.contextmanager
-def _server(work_dir: Path, subscriptions: int, chain: str, env: dict[str, str]) -> Iterator[ServerProcess]:
-    data_dir = work_dir / f"data-{chain}"
-    stderr_path = work_dir / f"server-{chain}.stderr"
+def _server(
+    work_dir: Path, subscriptions: int, chain: str, env: dict[str, str], name: str = ""
+) -> Iterator[ServerProcess]:
+    name = name or chain
+    data_dir = work_dir / f"data-{name}"
+    stderr_path = work_dir / f"server-{name}.stderr"
     command = [sys.executable, "-m", "bench.server", "--data-dir", str(data_dir), "--subscriptions", str(subscriptions)]
     with stderr_path.open("w") as stderr:
         process = subprocess.Popen(
@@ -326,10 +331,15 @@ def _flat(scenarios: dict[str, dict[str, Any]]) -> dict[str, Any]:
         # The share of Allocate throughput the interceptor chain costs (0.15: 15 % fewer calls per second).
         kept = _ratio(scenarios["allocate"]["rps"], scenarios["allocate_bare"]["rps"])
         flat["interceptor_overhead"] = None if kept is None else 1.0 - kept
-        flat["interceptor_cpu_overhead"] = _ratio(
-            scenarios["allocate"]["cpu"]["server_cpu_us_per_rpc"],
-            scenarios["allocate_bare"]["cpu"]["server_cpu_us_per_rpc"],
-        )
+        bare_cpu = scenarios["allocate_bare"]["cpu"]["server_cpu_us_per_rpc"]
+        # Server CPU per Allocate with the chain / without: steadier than throughput on a noisy machine.
+        flat["interceptor_cpu_ratio"] = _ratio(scenarios["allocate"]["cpu"]["server_cpu_us_per_rpc"], bare_cpu)
+        if "allocate_untraced" in scenarios:
+            kept = _ratio(scenarios["allocate_untraced"]["rps"], scenarios["allocate_bare"]["rps"])
+            flat["interceptor_overhead_untraced"] = None if kept is None else 1.0 - kept
+            flat["interceptor_untraced_cpu_ratio"] = _ratio(
+                scenarios["allocate_untraced"]["cpu"]["server_cpu_us_per_rpc"], bare_cpu
+            )
     if "noop" in scenarios:
         noop = scenarios["noop"]
         if "allocate" in scenarios:
@@ -488,6 +498,7 @@ def _table(scenarios: dict[str, dict[str, Any]]) -> str:
     labels = {
         "noop": "noop (baseline)",
         "allocate": "allocate",
+        "allocate_untraced": "allocate, chain without spans",
         "allocate_bare": "allocate, no interceptors",
         "lifecycle": "lifecycle (rps / noop per RPC)",
     }
@@ -554,12 +565,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             sink = stack.enter_context(OtlpSink())
             full_env = {"BENCH_TOKEN": token, "OTEL_EXPORTER_OTLP_ENDPOINT": sink.endpoint}
             full = stack.enter_context(_server(work_dir, args.subscriptions, "full", full_env))
+            untraced = stack.enter_context(
+                _server(work_dir, args.subscriptions, "full", {"BENCH_TOKEN": token}, "untraced")
+            )
             bare = stack.enter_context(_server(work_dir, args.subscriptions, "off", {}))
-            for server in (full, bare):
+            for server in (full, untraced, bare):
                 print(f"server pid {server.pid} on {server.target}; data in {server.data_dir}", file=sys.stderr)
             for index, scenario in enumerate(args.schedule):
                 print(f"[{index + 1}/{len(args.schedule)}] {scenario} ...", file=sys.stderr, flush=True)
-                server, server_token = (bare, "") if scenario == "allocate_bare" else (full, token)
+                server, server_token = {
+                    "allocate_bare": (bare, ""),
+                    "allocate_untraced": (untraced, token),
+                }.get(scenario, (full, token))
                 raw.setdefault(scenario, []).append(
                     _run_scenario(args, server, scenario, index, work_dir, server_token)
                 )

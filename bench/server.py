@@ -21,7 +21,10 @@ from pathlib import Path
 
 from authpool_server.domain import MICROS_PER_UNIT, PoolSpec, RebalancePolicy, SubscriptionSpec
 from authpool_server.logs import configure_logging
-from authpool_server.security.settings import SecuritySettings
+from authpool_server.security.ratelimit import Bucket
+from authpool_server.security.roles import Principal, Role
+from authpool_server.security.settings import RateLimits, SecuritySettings
+from authpool_server.security.tokens import TokenDirectory
 from authpool_server.server import Server
 
 NO_AUTH = SecuritySettings().without_auth()
@@ -51,9 +54,30 @@ def bench_spec(subscriptions: int, max_clients: int, ttl_seconds: float) -> Pool
     )
 
 
+def full_chain_security(token: str) -> SecuritySettings:
+    """Auth on (one admin token), rate limits on but far above the load: every check runs, none refuses."""
+    return SecuritySettings(
+        tokens=TokenDirectory([(token, Principal("bench", Role.ADMIN))]),
+        open_services=frozenset({"grpc.health.v1.Health"}),
+        rate_limits=RateLimits(default=Bucket(rate=1e9, burst=10**9), principals={}),
+    )
+
+
 async def _serve(args: argparse.Namespace) -> None:
     spec = bench_spec(args.subscriptions, args.max_clients, args.ttl)
-    server = Server(spec, data_dir=Path(args.data_dir), security=NO_AUTH, listen=args.listen, grace_seconds=2.0)
+    if args.chain == "full":
+        # The token comes from the environment, as in production.
+        security, intercept = full_chain_security(os.environ["BENCH_TOKEN"]), True
+    else:
+        security, intercept = NO_AUTH, False
+    server = Server(
+        spec,
+        data_dir=Path(args.data_dir),
+        security=security,
+        intercept=intercept,
+        listen=args.listen,
+        grace_seconds=2.0,
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
