@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import io
+import logging
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import grpc
@@ -10,11 +12,43 @@ import pytest
 from authpool_client.api import authpool_pb2_grpc
 
 from authpool_server.domain import MICROS_PER_UNIT, PoolSpec, RebalancePolicy, SubscriptionSpec
+from authpool_server.logs import JsonFormatter
 from authpool_server.security.settings import SecuritySettings
 from authpool_server.server import Server
 
 # Tests about the pool talk to it without credentials; tests/integration/test_auth*.py are about auth.
 NO_AUTH = SecuritySettings().without_auth()
+
+# Every token a test uses, so that the session can check none reached a log line.
+SECRETS: set[str] = set()
+
+
+def secret(value: str) -> str:
+    """Register a test token (or other secret) and return it."""
+    SECRETS.add(value)
+    return value
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_secret_in_any_log_line() -> Iterator[None]:
+    """Every log record of the whole run, formatted as production writes it, holds no registered secret."""
+    output = io.StringIO()
+    handler = logging.StreamHandler(output)
+    handler.setFormatter(JsonFormatter())
+    handler.setLevel(logging.DEBUG)
+    root = logging.getLogger()
+    old_level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)  # access-log lines are INFO, health checks DEBUG
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)
+    text = output.getvalue()
+    assert text, "no log line was captured: the check would prove nothing"
+    leaked = sorted(token for token in SECRETS if token in text)
+    assert not leaked, f"{len(leaked)} test tokens reached a log line"
 
 
 class FakeClock:

@@ -34,10 +34,10 @@ from authpool_server.security.tokens import TokenDirectory
 from authpool_server.server import Server
 from authpool_server.telemetry import metrics as metrics_module
 from authpool_server.telemetry.providers import telemetry_from_env
-from tests.conftest import FakeClock, make_spec
+from tests.conftest import FakeClock, make_spec, secret
 
-OPERATOR_TOKEN = "operator-token-5d1e9b7c3a2f4e60"
-CLIENT_TOKEN = "client-token-8a4c2e6b0d9f1735"
+OPERATOR_TOKEN = secret("operator-token-5d1e9b7c3a2f4e60")
+CLIENT_TOKEN = secret("client-token-8a4c2e6b0d9f1735")
 UNIT = 1_000_000
 EMAIL = re.compile(r"[\w.+*-]+@[\w-]+(?:\.[\w-]+)+")
 

@@ -26,15 +26,15 @@ from authpool_server.security.roles import METHOD_ROLES, Principal, Role
 from authpool_server.security.settings import SecuritySettings
 from authpool_server.security.tokens import TokenDirectory
 from authpool_server.server import SERVICE_NAME, Server
-from tests.conftest import FakeClock, make_spec
+from tests.conftest import FakeClock, make_spec, secret
 from tests.integration.rich_errors import error_details
 
 TOKENS = {
-    Role.CLIENT: "client-token-7f3a9c1e5b2d4068",
-    Role.OPERATOR: "operator-token-0c9e8d7f6a5b4c3d",
-    Role.ADMIN: "admin-token-1a2b3c4d5e6f7a8b9c",
+    Role.CLIENT: secret("client-token-7f3a9c1e5b2d4068"),
+    Role.OPERATOR: secret("operator-token-0c9e8d7f6a5b4c3d"),
+    Role.ADMIN: secret("admin-token-1a2b3c4d5e6f7a8b9c"),
 }
-ROTATED_ADMIN = "admin-token-next-9z8y7x6w5v4u"
+ROTATED_ADMIN = secret("admin-token-next-9z8y7x6w5v4u")
 
 # One request per RPC; each passes validation, so a refusal can only come from auth.
 REQUESTS = {

@@ -13,12 +13,12 @@ from authpool_server.security.roles import Principal, Role
 from authpool_server.security.settings import SecuritySettings
 from authpool_server.security.tokens import TokenDirectory
 from authpool_server.server import Server
-from tests.conftest import FakeClock, make_spec
+from tests.conftest import FakeClock, make_spec, secret
 from tests.integration.test_grpcurl import grpcurl  # noqa: F401 - the fixture, on this module's server
 
 pytestmark = pytest.mark.slow
 
-ADMIN_TOKEN = "grpcurl-admin-token-6b5a4c3d2e1f"
+ADMIN_TOKEN = secret("grpcurl-admin-token-6b5a4c3d2e1f")
 WITH_TOKEN = ("-H", f"authorization: Bearer {ADMIN_TOKEN}")
 
 

@@ -19,11 +19,11 @@ from authpool_server.security.roles import Principal, Role
 from authpool_server.security.settings import RateLimits, SecuritySettings
 from authpool_server.security.tokens import TokenDirectory
 from authpool_server.server import Server
-from tests.conftest import FakeClock, make_spec
+from tests.conftest import FakeClock, make_spec, secret
 from tests.integration.rich_errors import error_details
 
-BUSY = "busy-caller-token-1234567890"
-QUIET = "quiet-caller-token-0987654321"
+BUSY = secret("busy-caller-token-1234567890")
+QUIET = secret("quiet-caller-token-0987654321")
 BURST = 5
 
 

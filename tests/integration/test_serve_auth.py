@@ -11,11 +11,12 @@ import pytest
 from authpool_client.api import authpool_pb2 as pb
 from authpool_client.api import authpool_pb2_grpc
 
+from tests.conftest import secret
 from tests.integration.server_process import AUTHPOOL, ServerProcess, write_config
 
 pytestmark = pytest.mark.slow
 
-ADMIN_TOKEN = "serve-admin-token-8e7d6c5b4a39"
+ADMIN_TOKEN = secret("serve-admin-token-8e7d6c5b4a39")
 
 
 def test_serve_with_a_token_from_the_environment_never_logs_it(tmp_path: Path) -> None:

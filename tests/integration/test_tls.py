@@ -15,9 +15,9 @@ from authpool_server.security.roles import Principal, Role
 from authpool_server.security.settings import CertificateRole, SecuritySettings, TlsFiles
 from authpool_server.security.tokens import TokenDirectory
 from authpool_server.server import Server
-from tests.conftest import FakeClock, make_spec
+from tests.conftest import FakeClock, make_spec, secret
 
-CLIENT_TOKEN = "tls-client-token-5e4d3c2b1a09"
+CLIENT_TOKEN = secret("tls-client-token-5e4d3c2b1a09")
 
 
 @pytest.fixture(scope="module")

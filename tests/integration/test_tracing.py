@@ -33,7 +33,7 @@ from authpool_server.security.settings import SecuritySettings
 from authpool_server.security.tokens import TokenDirectory
 from authpool_server.server import Server
 from authpool_server.telemetry.providers import telemetry_from_env
-from tests.conftest import NO_AUTH, FakeClock
+from tests.conftest import NO_AUTH, FakeClock, secret
 
 TRACE_ID = 0x4BF92F3577B34DA6A3CE929D0E0E4736
 PARENT_SPAN_ID = 0x00F067AA0BA902B7
@@ -44,7 +44,7 @@ RENEW = "authpool.v1.AuthPool/Renew"
 
 EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}")
 # A caller's credentials and personal data, sent where a careless span could pick them up.
-CALLER_TOKEN = "apt_s3cr3t-caller-token-0123456789"
+CALLER_TOKEN = secret("apt_s3cr3t-caller-token-0123456789")
 CALLER_EMAIL = "alice.smith@example.com"
 
 

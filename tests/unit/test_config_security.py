@@ -9,10 +9,11 @@ import pytest
 import trustme
 
 from authpool_server.security.roles import Principal, Role
+from tests.conftest import secret
 from tests.unit.test_config import guide_doc, load_doc, problems_of
 
-TOKEN = "sched-token-3f2e1d0c9b8a7f6e"
-NEXT = "sched-token-next-aa11bb22cc33"
+TOKEN = secret("sched-token-3f2e1d0c9b8a7f6e")
+NEXT = secret("sched-token-next-aa11bb22cc33")
 
 
 @pytest.fixture
@@ -117,8 +118,8 @@ def test_each_token_problem_is_named_and_no_token_is_echoed(
 ) -> None:
     problems = problems_of(tmp_path, with_security(doc, {"auth": {"principals": [entry]}}), env)
     assert problems == [expected]
-    for secret in [TOKEN, *env.values()]:
-        assert not any(secret in problem for problem in problems)
+    for value in [TOKEN, *env.values()]:
+        assert not any(value in problem for problem in problems)
 
 
 def test_two_principals_cannot_share_a_token(tmp_path: Path, doc: dict[str, Any]) -> None:
