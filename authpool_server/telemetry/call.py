@@ -1,8 +1,9 @@
 """What one RPC was about, gathered as it runs, for its access-log line, metrics and span.
 
-The access interceptor opens a `Call` for each RPC; the auth interceptor
-fills in the principal, and the service annotates the client, subscription
-and decision through `annotate`, which also puts them on the current span.
+The interceptor chain opens a `Call` for each RPC and hands it to its steps;
+the auth step fills in the principal, and the service annotates the client,
+subscription, decision and usage outcome through `annotate`, which also puts
+them on the current span.
 Everything here is an identifier, never a secret or an email.
 """
 
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 
 from opentelemetry import trace
 
-__all__ = ["Call", "annotate", "current_call", "open_call"]
+__all__ = ["Call", "annotate", "close_call", "open_call"]
 
 _ATTRIBUTES = {
     "client_id": "authpool.client_id",
@@ -46,10 +47,6 @@ def open_call(method: str) -> tuple[Call, object]:
 
 def close_call(token: object) -> None:
     _CURRENT.reset(token)  # type: ignore[arg-type]
-
-
-def current_call() -> Call | None:
-    return _CURRENT.get()
 
 
 def annotate(**fields: str) -> None:
