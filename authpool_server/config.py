@@ -369,6 +369,13 @@ class NotificationsConfig(_Model):
         return value
 
 
+class EventsConfig(_Model):
+    # An idle WatchEvents stream gets a progress message this often.
+    progress_interval_seconds: float = Field(default=10.0, ge=1, le=3600)
+    # Events a watcher may fall behind by before its stream is ended with where to resume.
+    watcher_buffer: int = Field(default=10_000, ge=100, le=1_000_000)
+
+
 class FallbackConfig(_Model):
     id: str = "fallback"
     type: str = "pay-as-you-go"
@@ -398,6 +405,7 @@ class PoolConfig(_Model):
     forecast_horizon_hours: float = Field(default=6.0, gt=0)
     usage_retention_days: float = Field(default=7.0, gt=0)
     event_retention_days: float = Field(default=7.0, gt=0)
+    events: EventsConfig = EventsConfig()
     security: SecurityConfig = SecurityConfig()
     admin: AdminConfig = AdminConfig()
 
@@ -649,6 +657,8 @@ def _pool_spec(raw: PoolConfig) -> PoolSpec:
         forecast_horizon_seconds=raw.forecast_horizon_hours * 3600,
         usage_retention_seconds=raw.usage_retention_days * _SECONDS_PER_DAY,
         event_retention_seconds=raw.event_retention_days * _SECONDS_PER_DAY,
+        watcher_buffer=raw.events.watcher_buffer,
+        watch_progress_seconds=raw.events.progress_interval_seconds,
     )
 
 

@@ -63,6 +63,9 @@ class EventType(StrEnum):
     USAGE_RECORDED = "usage_recorded"
     SUBSCRIPTION_STATUS_CHANGED = "subscription_status_changed"
     REBALANCE_COMPLETED = "rebalance_completed"
+    USAGE_THRESHOLD_CROSSED = "usage_threshold_crossed"
+    POOL_EXHAUSTED = "pool_exhausted"
+    WEBHOOK_FAILURE = "webhook_failure"
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +153,10 @@ class PoolSpec:
     event_retention_seconds: float = 7 * 86_400.0
     # How long an ended lease is remembered so late usage reports still count.
     ended_lease_retention_seconds: float = 3_600.0
+    # Events a watcher may fall behind by before its stream is ended (resume to go on).
+    watcher_buffer: int = 10_000
+    # An idle watcher gets a progress message this often.
+    watch_progress_seconds: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -171,7 +171,7 @@ class Pool:
         self._store = store
         self._clock = clock
         self._new_id = new_id
-        self.events = EventHub(store)
+        self.events = EventHub(store, watcher_capacity=spec.watcher_buffer)
         self._committer = Committer(store, on_durable=self._durable, on_failure=self._reload)
         self._leases: dict[str, Lease] = {}
         self._lease_of_client: dict[str, str] = {}

@@ -16,6 +16,7 @@ undecodable bytes) carry only the status code.
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
@@ -171,6 +172,19 @@ class _EventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventType.V
     """A rebalancing cycle finished."""
     EVENT_TYPE_ROTATION: _EventType.ValueType  # 8
     """An operator drained or resumed a subscription (attribute "phase")."""
+    EVENT_TYPE_USAGE_THRESHOLD_CROSSED: _EventType.ValueType  # 9
+    """A subscription's spend crossed a notification rule's share of its weekly
+    budget (attribute "threshold", e.g. "0.8"); once per subscription, window
+    and threshold.
+    """
+    EVENT_TYPE_POOL_EXHAUSTED: _EventType.ValueType  # 10
+    """No subscription can take a client: every one is exhausted, disabled or
+    draining, and new clients go to the fallback (or are refused).
+    """
+    EVENT_TYPE_WEBHOOK_FAILURE: _EventType.ValueType  # 11
+    """A webhook notification was given up after its last attempt (attributes
+    "notification_id", "attempts", "last_error"); it is dead-lettered.
+    """
 
 class EventType(_EventType, metaclass=_EventTypeEnumTypeWrapper):
     """EventType names what an event records."""
@@ -193,6 +207,19 @@ EVENT_TYPE_REBALANCE_COMPLETED: EventType.ValueType  # 7
 """A rebalancing cycle finished."""
 EVENT_TYPE_ROTATION: EventType.ValueType  # 8
 """An operator drained or resumed a subscription (attribute "phase")."""
+EVENT_TYPE_USAGE_THRESHOLD_CROSSED: EventType.ValueType  # 9
+"""A subscription's spend crossed a notification rule's share of its weekly
+budget (attribute "threshold", e.g. "0.8"); once per subscription, window
+and threshold.
+"""
+EVENT_TYPE_POOL_EXHAUSTED: EventType.ValueType  # 10
+"""No subscription can take a client: every one is exhausted, disabled or
+draining, and new clients go to the fallback (or are refused).
+"""
+EVENT_TYPE_WEBHOOK_FAILURE: EventType.ValueType  # 11
+"""A webhook notification was given up after its last attempt (attributes
+"notification_id", "attempts", "last_error"); it is dead-lettered.
+"""
 Global___EventType: _TypeAlias = EventType  # noqa: Y015
 
 @_typing.final
@@ -798,6 +825,7 @@ class StatusResponse(_message.Message):
     TOTALS_FIELD_NUMBER: _builtins.int
     CLIENTS_FIELD_NUMBER: _builtins.int
     AS_OF_FIELD_NUMBER: _builtins.int
+    WEBHOOKS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def subscriptions(self) -> _containers.RepeatedCompositeFieldContainer[Global___SubscriptionState]:
         """Every subscription, in config order."""
@@ -814,6 +842,10 @@ class StatusResponse(_message.Message):
     def as_of(self) -> _timestamp_pb2.Timestamp:
         """The time the state was read."""
 
+    @_builtins.property
+    def webhooks(self) -> Global___WebhookState:
+        """Webhook notifications: the outbox and what was given up."""
+
     def __init__(
         self,
         *,
@@ -821,14 +853,99 @@ class StatusResponse(_message.Message):
         totals: Global___PoolTotals | None = ...,
         clients: _abc.Iterable[Global___Lease] | None = ...,
         as_of: _timestamp_pb2.Timestamp | None = ...,
+        webhooks: Global___WebhookState | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["as_of", b"as_of", "totals", b"totals"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["as_of", b"as_of", "totals", b"totals", "webhooks", b"webhooks"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["as_of", b"as_of", "clients", b"clients", "subscriptions", b"subscriptions", "totals", b"totals"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["as_of", b"as_of", "clients", b"clients", "subscriptions", b"subscriptions", "totals", b"totals", "webhooks", b"webhooks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StatusResponse: _TypeAlias = StatusResponse  # noqa: Y015
+
+@_typing.final
+class WebhookState(_message.Message):
+    """WebhookState is the webhook outbox at a glance."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENABLED_FIELD_NUMBER: _builtins.int
+    PENDING_FIELD_NUMBER: _builtins.int
+    DELIVERED_FIELD_NUMBER: _builtins.int
+    DEAD_LETTERED_FIELD_NUMBER: _builtins.int
+    RECENT_DEAD_LETTERS_FIELD_NUMBER: _builtins.int
+    enabled: _builtins.bool
+    """A webhook URL is configured and some rule sends to it."""
+    pending: _builtins.int
+    """Notifications waiting for their first or next attempt."""
+    delivered: _builtins.int
+    """Notifications delivered (a 2xx answer) within the event retention."""
+    dead_lettered: _builtins.int
+    """Notifications given up after their last attempt, within the event retention."""
+    @_builtins.property
+    def recent_dead_letters(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeadLetter]:
+        """The most recent dead letters, newest first (at most 20)."""
+
+    def __init__(
+        self,
+        *,
+        enabled: _builtins.bool = ...,
+        pending: _builtins.int = ...,
+        delivered: _builtins.int = ...,
+        dead_lettered: _builtins.int = ...,
+        recent_dead_letters: _abc.Iterable[Global___DeadLetter] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dead_lettered", b"dead_lettered", "delivered", b"delivered", "enabled", b"enabled", "pending", b"pending", "recent_dead_letters", b"recent_dead_letters"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WebhookState: _TypeAlias = WebhookState  # noqa: Y015
+
+@_typing.final
+class DeadLetter(_message.Message):
+    """DeadLetter is a notification that was given up."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NOTIFICATION_ID_FIELD_NUMBER: _builtins.int
+    EVENT_SEQUENCE_FIELD_NUMBER: _builtins.int
+    RULE_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_FIELD_NUMBER: _builtins.int
+    FAILED_AT_FIELD_NUMBER: _builtins.int
+    notification_id: _builtins.str
+    """The notification's id: the `webhook-id` header of every attempt."""
+    event_sequence: _builtins.int
+    """The event that caused it."""
+    rule: _builtins.str
+    """The rule's type, e.g. "usage_threshold"."""
+    attempts: _builtins.int
+    """Attempts made."""
+    last_error: _builtins.str
+    """What the last attempt got, e.g. "HTTP 500" or "timed out after 5 s"."""
+    @_builtins.property
+    def failed_at(self) -> _timestamp_pb2.Timestamp:
+        """When it was given up."""
+
+    def __init__(
+        self,
+        *,
+        notification_id: _builtins.str = ...,
+        event_sequence: _builtins.int = ...,
+        rule: _builtins.str = ...,
+        attempts: _builtins.int = ...,
+        last_error: _builtins.str = ...,
+        failed_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["failed_at", b"failed_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "event_sequence", b"event_sequence", "failed_at", b"failed_at", "last_error", b"last_error", "notification_id", b"notification_id", "rule", b"rule"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeadLetter: _TypeAlias = DeadLetter  # noqa: Y015
 
 @_typing.final
 class RebalanceRequest(_message.Message):
@@ -1012,18 +1129,45 @@ class WatchEventsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     AFTER_SEQUENCE_FIELD_NUMBER: _builtins.int
+    TYPES_FIELD_NUMBER: _builtins.int
+    SUBSCRIPTION_IDS_FIELD_NUMBER: _builtins.int
+    CLIENT_IDS_FIELD_NUMBER: _builtins.int
+    PROGRESS_INTERVAL_FIELD_NUMBER: _builtins.int
     after_sequence: _builtins.int
     """Deliver events with a sequence number greater than this; 0 means from
     the oldest retained event.
     """
+    @_builtins.property
+    def types(self) -> _containers.RepeatedScalarFieldContainer[Global___EventType.ValueType]:
+        """Only events of these types; empty means every type."""
+
+    @_builtins.property
+    def subscription_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Only events about these subscriptions; empty means any."""
+
+    @_builtins.property
+    def client_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Only events about these clients; empty means any."""
+
+    @_builtins.property
+    def progress_interval(self) -> _duration_pb2.Duration:
+        """How often to send a `progress` message while no matching event flows;
+        unset uses the server's `events.progressIntervalSeconds` (10 s by
+        default); between 1 s and 1 h.
+        """
+
     def __init__(
         self,
         *,
         after_sequence: _builtins.int = ...,
+        types: _abc.Iterable[Global___EventType.ValueType] | None = ...,
+        subscription_ids: _abc.Iterable[_builtins.str] | None = ...,
+        client_ids: _abc.Iterable[_builtins.str] | None = ...,
+        progress_interval: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["progress_interval", b"progress_interval"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_sequence", b"after_sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_sequence", b"after_sequence", "client_ids", b"client_ids", "progress_interval", b"progress_interval", "subscription_ids", b"subscription_ids", "types", b"types"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1106,25 +1250,66 @@ class Event(_message.Message):
 Global___Event: _TypeAlias = Event  # noqa: Y015
 
 @_typing.final
+class Progress(_message.Message):
+    """Progress tells an idle watcher that the stream is alive and how far the
+    log has been read for it: resuming with `after_sequence = sequence` skips
+    nothing that matches its filters.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    sequence: _builtins.int
+    """Every event up to and including this one has been considered (sent if it
+    matched the filters).
+    """
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp:
+        """When the server sent this."""
+
+    def __init__(
+        self,
+        *,
+        sequence: _builtins.int = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["sequence", b"sequence", "time", b"time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Progress: _TypeAlias = Progress  # noqa: Y015
+
+@_typing.final
 class WatchEventsResponse(_message.Message):
     """WatchEventsResponse is one message of the event stream."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     EVENT_FIELD_NUMBER: _builtins.int
+    PROGRESS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def event(self) -> Global___Event:
-        """The next event."""
+        """The next event that matches the filters."""
+
+    @_builtins.property
+    def progress(self) -> Global___Progress:
+        """Nothing matched for a while; the stream is alive."""
 
     def __init__(
         self,
         *,
         event: Global___Event | None = ...,
+        progress: Global___Progress | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "message", b"message", "progress", b"progress"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "message", b"message", "progress", b"progress"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["event", "progress"]  # noqa: Y015
+    _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 
 Global___WatchEventsResponse: _TypeAlias = WatchEventsResponse  # noqa: Y015
