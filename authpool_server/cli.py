@@ -55,6 +55,7 @@ def _serve(args: argparse.Namespace) -> int:
                 listen=listen,
                 security=security,
                 admin_listen=admin_listen if settings.admin.enabled else None,
+                webhooks=settings.webhooks,
             )
         )
     except StartupRefused as refusal:
@@ -70,6 +71,11 @@ def _config_check(args: argparse.Namespace) -> int:
         f"{settings.source}: valid; {len(pool.subscriptions)} subscriptions, "
         f"weekly budget {sum(s.weekly_budget_micros for s in pool.subscriptions) / 1e6:g} in all"
     )
+    if settings.webhooks is not None and settings.webhooks.secret is None:
+        print(
+            "note: notification rules send to the webhook but AUTHPOOL_WEBHOOK_SECRET is not set in this "
+            "environment; `authpool serve` will refuse to start until it is"
+        )
     if not settings.security.has_credentials:
         print(
             "note: no principal has a token in this environment; `authpool serve` will refuse to start "

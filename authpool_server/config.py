@@ -29,7 +29,6 @@ from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from pathlib import Path, PurePath
 from typing import Annotated, Any, Literal, Self
-from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
@@ -52,11 +51,15 @@ from authpool_server.domain import (
     BudgetReset,
     ExtraWindow,
     FallbackSpec,
+    NotificationRuleSpec,
     PoolSpec,
     RebalancePolicy,
     SubscriptionSpec,
 )
 from authpool_server.security.settings import SecuritySettings, load_security
+from authpool_server.webhooks.sender import RetryPolicy, load_ca_bundle
+from authpool_server.webhooks.signing import WebhookSecret
+from authpool_server.webhooks.urls import check_webhook_url
 
 __all__ = [
     "EXAMPLE_CONFIG",
@@ -349,7 +352,15 @@ class NotificationRule(_Model):
 
 class NotificationsConfig(_Model):
     rules: tuple[NotificationRule, ...] = Field(default=(), strict=False)
+    # Development only: accept http:// for a receiver on this machine (loopback).
+    allow_insecure_loopback: bool = False
     webhook_url: str | None = Field(default=None, validate_default=True)
+    # A PEM bundle to trust for the receiver instead of the system's CAs (internal endpoints).
+    ca_file: str | None = None
+    timeout_seconds: float = Field(default=5.0, gt=0, le=60, strict=False)
+    max_attempts: int = Field(default=8, ge=1, le=100)
+    initial_backoff_seconds: float = Field(default=1.0, gt=0, strict=False)
+    max_backoff_seconds: float = Field(default=300.0, gt=0, strict=False)
 
     @field_validator("webhook_url")
     @classmethod
@@ -359,14 +370,19 @@ class NotificationsConfig(_Model):
                 raise ValueError("is required when an enabled rule uses the webhook channel")
             return None
         # The URL itself is never echoed: webhook URLs often carry a token.
-        parts = urlsplit(value.strip())
-        if parts.scheme.lower() == "http":
-            raise ValueError("must use https:// (http:// would send pool details unencrypted)")
-        if parts.scheme.lower() != "https":
-            raise ValueError("must use https://")
-        if not parts.hostname:
-            raise ValueError("must include a host name")
+        if problem := check_webhook_url(value, info.data.get("allow_insecure_loopback", False)):
+            raise ValueError(problem)
         return value
+
+    @model_validator(mode="after")
+    def _backoff_bounds(self) -> Self:
+        if self.initial_backoff_seconds > self.max_backoff_seconds:
+            raise ValueError("initialBackoffSeconds must not exceed maxBackoffSeconds")
+        return self
+
+    @property
+    def uses_webhook(self) -> bool:
+        return self.webhook_url is not None and any(r.enabled and "webhook" in r.channels for r in self.rules)
 
 
 class EventsConfig(_Model):
@@ -457,6 +473,17 @@ class PoolConfig(_Model):
 
 
 @dataclass(frozen=True, slots=True)
+class WebhookSettings:
+    """The webhook channel: receiver, signing secret (None when not in the environment), retries."""
+
+    url: str = field(repr=False)  # may carry a token
+    secret: WebhookSecret | None
+    policy: RetryPolicy
+    ca_file: str | None
+    allow_insecure_loopback: bool
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     """What the server needs to start, derived from one config file and the environment.
 
@@ -470,6 +497,7 @@ class Settings:
         raw: The validated document, for parts not yet in domain terms (notifications).
         security: Authentication, TLS and limits, with tokens already hashed.
         admin: The admin HTTP port.
+        webhooks: Where webhook notifications go, when a rule sends any.
     """
 
     pool: PoolSpec
@@ -481,6 +509,7 @@ class Settings:
     raw: PoolConfig
     security: SecuritySettings
     admin: AdminConfig
+    webhooks: WebhookSettings | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -562,6 +591,7 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
         raise ConfigError(problems, source) from None
     security, security_problems = load_security(raw.security, env, source.parent)
     problems.extend(security_problems)
+    webhooks = _webhook_settings(raw.notifications, env, source.parent, problems)
     if problems:
         raise ConfigError(problems, source) from None
 
@@ -576,6 +606,52 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
         raw=raw,
         security=security,
         admin=raw.admin,
+        webhooks=webhooks,
+    )
+
+
+def _webhook_settings(
+    config: NotificationsConfig, env: Mapping[str, str], base_dir: Path, problems: list[str]
+) -> WebhookSettings | None:
+    """The webhook channel's settings; its secret comes from the environment, never the file.
+
+    A missing secret is not a problem here (`config check` of the guide's
+    template passes without one); `serve` refuses to start without it.
+    """
+    if not config.uses_webhook or config.webhook_url is None:
+        return None
+    secret = None
+    text, where = env.get("AUTHPOOL_WEBHOOK_SECRET", ""), "AUTHPOOL_WEBHOOK_SECRET"
+    if not text.strip() and (path := env.get("AUTHPOOL_WEBHOOK_SECRET_FILE", "").strip()):
+        where = "AUTHPOOL_WEBHOOK_SECRET_FILE"
+        try:
+            text = (base_dir / Path(path).expanduser()).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            problems.append(f"{where}: cannot read {path} ({reason})")
+            text = ""
+    if text.strip():
+        try:
+            secret = WebhookSecret.parse(text.strip())
+        except ValueError as exc:
+            problems.append(f"{where}: {exc}")
+    ca_file = str(base_dir / Path(config.ca_file).expanduser()) if config.ca_file else None
+    if ca_file is not None:
+        try:
+            load_ca_bundle(ca_file)
+        except ValueError as exc:
+            problems.append(f"notifications.caFile: {exc}")
+    return WebhookSettings(
+        url=config.webhook_url,
+        secret=secret,
+        policy=RetryPolicy(
+            max_attempts=config.max_attempts,
+            initial_seconds=config.initial_backoff_seconds,
+            maximum_seconds=config.max_backoff_seconds,
+            timeout_seconds=config.timeout_seconds,
+        ),
+        ca_file=ca_file,
+        allow_insecure_loopback=config.allow_insecure_loopback,
     )
 
 
@@ -659,6 +735,16 @@ def _pool_spec(raw: PoolConfig) -> PoolSpec:
         event_retention_seconds=raw.event_retention_days * _SECONDS_PER_DAY,
         watcher_buffer=raw.events.watcher_buffer,
         watch_progress_seconds=raw.events.progress_interval_seconds,
+        notification_rules=tuple(
+            NotificationRuleSpec(
+                type=rule.type,
+                channels=rule.channels,
+                threshold_ppm=_scaled(rule.threshold, PPM) if rule.threshold is not None else 0,
+                enabled=rule.enabled,
+            )
+            for rule in raw.notifications.rules
+        ),
+        webhooks_enabled=raw.notifications.uses_webhook,
     )
 
 

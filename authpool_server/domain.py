@@ -132,6 +132,16 @@ class RebalancePolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class NotificationRuleSpec:
+    """One of the config's `notifications.rules`."""
+
+    type: str  # usage_threshold, failover, rotation, all_exhausted, subscription_disabled, ...
+    channels: tuple[str, ...]  # "webhook", "log"
+    threshold_ppm: int = 0  # usage_threshold only: the share of the weekly budget
+    enabled: bool = True
+
+
+@dataclass(frozen=True, slots=True)
 class PoolSpec:
     """Everything the policy needs to know about the pool's configuration."""
 
@@ -157,6 +167,9 @@ class PoolSpec:
     watcher_buffer: int = 10_000
     # An idle watcher gets a progress message this often.
     watch_progress_seconds: float = 10.0
+    notification_rules: tuple[NotificationRuleSpec, ...] = ()
+    # A webhook URL and signing secret are configured: webhook notifications go to the outbox.
+    webhooks_enabled: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,3 +246,50 @@ class Event:
     lease_id: str = ""
     fencing_token: int = 0
     attributes: tuple[tuple[str, str], ...] = ()
+
+
+class Severity(StrEnum):
+    """The guide's alert tiers."""
+
+    CRITICAL = "critical"  # PagerDuty: all subscriptions exhausted
+    WARNING = "warning"  # Slack: health, failover, disabled subscriptions, webhook failures
+    INFO = "info"  # email: budget thresholds, rotations, config reloaded
+
+
+@dataclass(frozen=True, slots=True)
+class Notification:
+    """What a notification rule made of one event, for its channels.
+
+    `id` is stable (the event's sequence and the rule's position), so every
+    delivery attempt, before and after a restart, carries the same
+    `webhook-id` and a receiver can drop repeats.
+    """
+
+    id: str
+    event: Event
+    rule: str  # the rule's type, e.g. "usage_threshold"
+    severity: Severity
+    channels: tuple[str, ...]  # "webhook", "log"
+    summary: str  # one line for people; identifiers only, never secrets or emails
+
+
+class DeliveryState(StrEnum):
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    DEAD = "dead"  # given up after the last attempt
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxEntry:
+    """A webhook notification and where its delivery stands; written with the event that caused it."""
+
+    notification_id: str
+    event_sequence: int
+    rule: str
+    severity: Severity
+    body: str  # the JSON body, exactly as signed and sent on every attempt
+    state: DeliveryState
+    attempts: int
+    next_attempt_at: float
+    last_error: str
+    updated_at: float

@@ -29,7 +29,9 @@ from authpool_server import balancer
 from authpool_server.balancer import Forecast, Placement, PlannedMove, Refusal, SubscriptionLoad
 from authpool_server.committer import Committer
 from authpool_server.domain import (
+    PPM,
     DecisionKind,
+    DeliveryState,
     EndedLease,
     Event,
     EventType,
@@ -50,6 +52,8 @@ from authpool_server.errors import (
 )
 from authpool_server.events import EventHub
 from authpool_server.ledger import SubscriptionFlags, SubscriptionLedger
+from authpool_server.notifications import Rules, log_notification
+from authpool_server.outbox import Attempt, Outbox, OutboxStatus
 from authpool_server.store.base import PruneHorizon, Snapshot, Store, WriteBatch
 
 __all__ = [
@@ -138,6 +142,7 @@ class PoolStatus:
     last_sequence: int
     leases: tuple[Lease, ...]
     as_of: float
+    webhooks: OutboxStatus
 
 
 def _usage_key(request_id: str) -> str:
@@ -192,6 +197,11 @@ class Pool:
         self._last_prune = 0.0
         self._reaper: asyncio.Task[None] | None = None
         self._observers: list[PoolObserver] = []
+        self._rules = Rules(spec.notification_rules)
+        self.outbox = Outbox(enabled=spec.webhooks_enabled)
+        # Set when new notifications are durable: the webhook dispatcher waits on it.
+        self.outbox_wakeup = asyncio.Event()
+        self._pool_exhausted = False
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -264,6 +274,9 @@ class Pool:
                     provider_reset_at=record.provider_reset_at,
                 )
         self._statuses = {sid: self._status(sid, now) for sid in self._ledgers}
+        self._pool_exhausted = self._no_subscription_active()
+        self.outbox.restore(snapshot.outbox, snapshot.delivered_notifications)
+        self.outbox_wakeup.set()  # deliveries pending before a restart resume at once
 
     async def _reload(self) -> None:
         # A failed write leaves memory ahead of the disk: refuse calls until
@@ -314,9 +327,13 @@ class Pool:
     def _event(self, batch: WriteBatch, now: float, type_: EventType, **fields: object) -> None:
         self._sequence += 1
         attributes = fields.pop("attributes", ())
-        batch.events.append(
-            Event(self._sequence, now, type_, attributes=tuple(attributes), **fields)  # type: ignore[arg-type]
-        )
+        event = Event(self._sequence, now, type_, attributes=tuple(attributes), **fields)  # type: ignore[arg-type]
+        batch.events.append(event)
+        if self._rules:
+            # In the event's own batch: a webhook notification is durable exactly when its event is.
+            for notification in self._rules.for_event(event):
+                if (entry := self.outbox.add(notification, now)) is not None:
+                    batch.outbox.append(entry)
 
     def _next_token(self, batch: WriteBatch) -> int:
         self._token += 1
@@ -337,6 +354,13 @@ class Pool:
                 subscription_id=subscription_id,
                 attributes=(("from", str(old or "")), ("to", str(new))),
             )
+            exhausted = self._no_subscription_active()
+            if exhausted and not self._pool_exhausted:
+                self._event(batch, now, EventType.POOL_EXHAUSTED, attributes=(("last", subscription_id),))
+            self._pool_exhausted = exhausted
+
+    def _no_subscription_active(self) -> bool:
+        return bool(self._statuses) and SubscriptionStatus.ACTIVE not in self._statuses.values()
 
     def _advance(self, now: float, batch: WriteBatch) -> None:
         """Roll every budget window that `now` has left."""
@@ -383,8 +407,14 @@ class Pool:
             fencing_token=lease.fencing_token,
         )
 
-    def _place(self, lease: Lease, placement: Placement, now: float, batch: WriteBatch) -> Lease:
-        """Move an existing lease to the placement's subscription."""
+    def _place(
+        self, lease: Lease, placement: Placement, now: float, batch: WriteBatch, cause: str = "failover"
+    ) -> Lease:
+        """Move an existing lease to the placement's subscription.
+
+        `cause` says why, in the event: "failover" (its subscription can no
+        longer serve it), "rebalance" or "rotation" (an operator drained it).
+        """
         fallback = placement.kind is DecisionKind.FALLBACK
         if not lease.fallback:
             self._add_clients(lease.subscription_id, -1)
@@ -406,7 +436,11 @@ class Pool:
             client_id=moved.client_id,
             lease_id=moved.lease_id,
             fencing_token=moved.fencing_token,
-            attributes=(("from_subscription_id", lease.subscription_id), ("kind", str(placement.kind))),
+            attributes=(
+                ("from_subscription_id", lease.subscription_id),
+                ("kind", str(placement.kind)),
+                ("cause", cause),
+            ),
         )
         return moved
 
@@ -426,6 +460,13 @@ class Pool:
             if self._unsettled.get(key, ticket + 1) <= ticket:
                 del self._unsettled[key]
         self.events.publish(batch.events)
+        if self._rules:
+            for event in batch.events:
+                for notification in self._rules.for_event(event):
+                    if "log" in notification.channels:
+                        log_notification(notification)
+        if batch.outbox:
+            self.outbox_wakeup.set()
 
     async def _settled(self, key: str) -> None:
         """Return once the newest write of `key` (a lease or a usage report) is durable."""
@@ -636,13 +677,16 @@ class Pool:
         if fallback:
             self._fallback_usage += record.cost_micros
         elif subscription_id in self._ledgers:
-            self._ledgers[subscription_id].record(
+            ledger = self._ledgers[subscription_id]
+            before = ledger.window_spend
+            ledger.record(
                 now,
                 record.cost_micros,
                 record.outcome,
                 provider_remaining_ppm=record.provider_remaining_ppm,
                 provider_reset_at=record.provider_reset_at,
             )
+            self._note_thresholds(ledger, before, now, batch)
         if lease.lease_id in self._leases:
             self._store_lease(replace(lease, last_used_at=now), batch)
         self._event(
@@ -666,6 +710,30 @@ class Pool:
     def observe(self, observer: PoolObserver) -> None:
         self._observers.append(observer)
 
+    def _note_thresholds(self, ledger: SubscriptionLedger, before: int, now: float, batch: WriteBatch) -> None:
+        """An event for each notification threshold this report's spend crossed.
+
+        Spend only grows within a window, so each threshold is crossed once
+        per subscription and window (the provider's own figure may move it
+        back, and then it can fire again: that is news too).
+        """
+        after = ledger.window_spend
+        budget = ledger.spec.weekly_budget_micros
+        for threshold_ppm in self._rules.usage_thresholds_ppm:
+            line = budget * threshold_ppm // PPM
+            if before < line <= after:
+                self._event(
+                    batch,
+                    now,
+                    EventType.USAGE_THRESHOLD_CROSSED,
+                    subscription_id=ledger.spec.id,
+                    attributes=(
+                        ("threshold_ppm", str(threshold_ppm)),
+                        ("window_usage_micros", str(after)),
+                        ("weekly_budget_micros", str(budget)),
+                    ),
+                )
+
     async def rebalance(self, *, dry_run: bool, trigger: str = "operator") -> RebalanceOutcome:
         """Run one rebalancing cycle (or only plan it) and say what moved and why.
 
@@ -686,7 +754,7 @@ class Pool:
         for move in plan.moves:
             lease = self._leases[move.lease_id]
             placement = Placement(DecisionKind.FAILOVER, move.to_subscription_id, plan.reason)
-            moved.append((move, self._place(lease, placement, now, batch).fencing_token))
+            moved.append((move, self._place(lease, placement, now, batch, cause="rebalance").fencing_token))
         self._event(
             batch,
             now,
@@ -733,6 +801,7 @@ class Pool:
             last_sequence=self.events.last_sequence,
             leases=leases if include_clients else (),
             as_of=now,
+            webhooks=self.outbox.status(),
         )
 
     # -- operator actions ----------------------------------------------------
@@ -764,9 +833,9 @@ class Pool:
             attributes=(("phase", "draining" if draining else "resumed"),),
         )
         self._note_status(subscription_id, batch, now)
-        return self._move_off_unservable(now, batch, only=subscription_id)
+        return self._move_off_unservable(now, batch, only=subscription_id, cause="rotation")
 
-    def _move_off_unservable(self, now: float, batch: WriteBatch, *, only: str = "") -> int:
+    def _move_off_unservable(self, now: float, batch: WriteBatch, *, only: str = "", cause: str = "failover") -> int:
         """Move every lease whose subscription can no longer serve it (drained and idle, disabled, ...)."""
         moved = 0
         for lease in list(self._leases.values()):
@@ -774,7 +843,7 @@ class Pool:
                 continue
             decision = balancer.decide_renewal(self._loads(now), self.spec, lease, now)
             if isinstance(decision, Placement) and decision.kind is not DecisionKind.STICKY:
-                self._place(lease, decision, now, batch)
+                self._place(lease, decision, now, batch, cause=cause)
                 moved += 1
         return moved
 
@@ -796,7 +865,8 @@ class Pool:
             self._note_status(subscription_id, batch, now)
         out_of_service = [sid for sid, ledger in self._ledgers.items() if ledger.flags.draining or ledger.disabled]
         for subscription_id in out_of_service:
-            self._move_off_unservable(now, batch, only=subscription_id)
+            cause = "rotation" if self._ledgers[subscription_id].flags.draining else "failover"
+            self._move_off_unservable(now, batch, only=subscription_id, cause=cause)
         if now - self._last_prune >= _PRUNE_EVERY_SECONDS:
             self._last_prune = now
             self._prune(now, batch)
@@ -815,10 +885,12 @@ class Pool:
         ended_before = now - self.spec.ended_lease_retention_seconds
         for lease_id in [lid for lid, ended in self._ended.items() if ended.ended_at < ended_before]:
             del self._ended[lease_id]
+        events_before = now - self.spec.event_retention_seconds
+        self.outbox.prune(events_before)
         batch.prune = PruneHorizon(
             usage_before=usage_before,
             ended_leases_before=ended_before,
-            events_before=now - self.spec.event_retention_seconds,
+            events_before=events_before,
         )
 
     async def _reap_forever(self) -> None:
@@ -836,6 +908,30 @@ class Pool:
                 log.warning("background work skipped: the store is unavailable")
             except Exception:
                 log.exception("background work failed; it runs again in %.1fs", interval)
+
+    # -- webhook deliveries --------------------------------------------------
+
+    async def record_delivery(self, attempt: Attempt) -> None:
+        """Write how a delivery attempt went; a last failed attempt dead-letters the notification."""
+        await self._apply(lambda now, batch: self._record_delivery(attempt, now, batch))
+
+    def _record_delivery(self, attempt: Attempt, now: float, batch: WriteBatch) -> None:
+        entry = self.outbox.record(attempt, now)
+        if entry is None:
+            return
+        batch.outbox.append(entry)
+        if entry.state is DeliveryState.DEAD:
+            self._event(
+                batch,
+                now,
+                EventType.WEBHOOK_FAILURE,
+                attributes=(
+                    ("notification_id", entry.notification_id),
+                    ("rule", entry.rule),
+                    ("attempts", str(entry.attempts)),
+                    ("last_error", entry.last_error),
+                ),
+            )
 
     # -- introspection -------------------------------------------------------
 

@@ -27,6 +27,8 @@ from grpc_reflection.v1alpha import reflection
 
 from authpool_server.admin import AdminServer
 from authpool_server.api import authpool_pb2, authpool_pb2_grpc
+from authpool_server.config import WebhookSettings
+from authpool_server.delivery import WebhookDispatcher
 from authpool_server.domain import PoolSpec
 from authpool_server.errors import StartupRefused
 from authpool_server.interceptors import build_chain
@@ -36,6 +38,7 @@ from authpool_server.service import AuthPoolService
 from authpool_server.store.sqlite import SQLiteStore
 from authpool_server.telemetry.metrics import Metrics
 from authpool_server.telemetry.providers import Telemetry, telemetry_from_env
+from authpool_server.webhooks.sender import WebhookSender
 
 __all__ = ["SERVICE_NAME", "Server", "serve"]
 
@@ -62,6 +65,7 @@ class Server:
         telemetry: OpenTelemetry providers; None builds them from the `OTEL_*` environment.
         intercept: False serves without the interceptor chain (no auth, logs,
             metrics or spans): only for `make bench` to measure the chain's cost.
+        webhooks: The webhook channel (with `spec.webhooks_enabled`); None: no delivery.
     """
 
     def __init__(
@@ -74,11 +78,13 @@ class Server:
         admin_listen: str | None = None,
         telemetry: Telemetry | None = None,
         intercept: bool = True,
+        webhooks: WebhookSettings | None = None,
         grace_seconds: float = DEFAULT_GRACE_SECONDS,
         background: bool = True,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.pool = Pool(spec, SQLiteStore(data_dir / DATABASE_FILE), clock=clock)
+        self._clock = clock
         self.health = health_aio.HealthServicer()
         self.security = security
         self.telemetry = telemetry if telemetry is not None else telemetry_from_env(os.environ)
@@ -94,6 +100,8 @@ class Server:
         self._background = background
         self._server: grpc.aio.Server | None = None
         self._sampler: asyncio.Task[None] | None = None
+        self._webhooks = webhooks
+        self._dispatcher: WebhookDispatcher | None = None
         self.port = 0
 
     @property
@@ -132,6 +140,12 @@ class Server:
                 "AUTHPOOL_<ROLE>_TOKEN, or security.auth.principals in the config); for local development "
                 "only, start with --insecure-no-auth"
             )
+        if self._webhooks is not None and self._webhooks.secret is None:
+            raise StartupRefused(
+                "notification rules send to the webhook but no signing secret is set: set "
+                "AUTHPOOL_WEBHOOK_SECRET (or AUTHPOOL_WEBHOOK_SECRET_FILE) to a Standard Webhooks secret, "
+                'e.g. "whsec_$(openssl rand -base64 32)"'
+            )
         chain = build_chain(self.security, self.metrics, self.telemetry.tracer_provider) if self._intercept else []
         server = grpc.aio.server(
             interceptors=chain,
@@ -151,6 +165,16 @@ class Server:
         await server.start()
         self._server = server
         await self.pool.start(background=self._background)
+        if self._webhooks is not None and self._webhooks.secret is not None:
+            sender = WebhookSender(
+                self._webhooks.url,
+                self._webhooks.secret,
+                timeout_seconds=self._webhooks.policy.timeout_seconds,
+                ca_file=self._webhooks.ca_file,
+                allow_insecure_loopback=self._webhooks.allow_insecure_loopback,
+            )
+            self._dispatcher = WebhookDispatcher(self.pool, sender, self._webhooks.policy, clock=self._clock)
+            self._dispatcher.start()
         if self.metrics is not None:
             self.metrics.refresh()
             if self._background:
@@ -193,16 +217,26 @@ class Server:
             self._sampler.cancel()
         if self._admin is not None:
             await self._admin.stop()
+        if self._dispatcher is not None:
+            await self._dispatcher.close()
         await self.pool.close()
         await asyncio.to_thread(self.telemetry.shutdown)
         log.info("stopped")
 
 
 async def serve(
-    spec: PoolSpec, *, data_dir: Path, listen: str, security: SecuritySettings, admin_listen: str | None
+    spec: PoolSpec,
+    *,
+    data_dir: Path,
+    listen: str,
+    security: SecuritySettings,
+    admin_listen: str | None,
+    webhooks: WebhookSettings | None,
 ) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully."""
-    server = Server(spec, data_dir=data_dir, listen=listen, security=security, admin_listen=admin_listen)
+    server = Server(
+        spec, data_dir=data_dir, listen=listen, security=security, admin_listen=admin_listen, webhooks=webhooks
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

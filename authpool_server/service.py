@@ -251,11 +251,29 @@ class AuthPoolService(authpool_pb2_grpc.AuthPoolServicer):
             average_health=sum(view.health for view in views) / len(views) if views else 0.0,
             last_sequence=status.last_sequence,
         )
+        webhooks = status.webhooks
         return pb.StatusResponse(
             subscriptions=subscriptions,
             totals=totals,
             clients=[self._lease(lease) for lease in status.leases],
             as_of=_timestamp(status.as_of),
+            webhooks=pb.WebhookState(
+                enabled=webhooks.enabled,
+                pending=webhooks.pending,
+                delivered=webhooks.delivered,
+                dead_lettered=webhooks.dead_lettered,
+                recent_dead_letters=[
+                    pb.DeadLetter(
+                        notification_id=entry.notification_id,
+                        event_sequence=entry.event_sequence,
+                        rule=entry.rule,
+                        attempts=entry.attempts,
+                        last_error=entry.last_error,
+                        failed_at=_timestamp(entry.updated_at),
+                    )
+                    for entry in webhooks.recent_dead_letters
+                ],
+            ),
         )
 
     @_errors_as_status

@@ -16,10 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from authpool_server.domain import EndedLease, Event, Lease, UsageRecord
+from authpool_server.domain import DeliveryState, EndedLease, Event, Lease, OutboxEntry, UsageRecord
 from authpool_server.ledger import SubscriptionFlags
 
-__all__ = ["PruneHorizon", "Snapshot", "Store", "WriteBatch"]
+__all__ = ["PruneHorizon", "Snapshot", "Store", "WriteBatch", "undelivered"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +28,7 @@ class PruneHorizon:
 
     usage_before: float
     ended_leases_before: float
+    # Also delivered and dead-lettered notifications last updated before this.
     events_before: float
 
 
@@ -40,6 +41,8 @@ class WriteBatch:
     usage: list[UsageRecord] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
     flags: list[SubscriptionFlags] = field(default_factory=list)
+    # Webhook notifications, new or with a delivery attempt recorded (upserted by id).
+    outbox: list[OutboxEntry] = field(default_factory=list)
     fencing_token: int = 0
     prune: PruneHorizon | None = None
 
@@ -50,6 +53,7 @@ class WriteBatch:
         self.usage.extend(other.usage)
         self.events.extend(other.events)
         self.flags.extend(other.flags)
+        self.outbox.extend(other.outbox)
         self.fencing_token = max(self.fencing_token, other.fencing_token)
         self.prune = other.prune or self.prune
 
@@ -64,6 +68,10 @@ class Snapshot:
     last_sequence: int
     fencing_token: int
     flags: list[SubscriptionFlags] = field(default_factory=list)
+    # Webhook notifications not delivered: pending ones and dead letters.
+    outbox: list[OutboxEntry] = field(default_factory=list)
+    # How many were delivered within the retention (only counted, not loaded).
+    delivered_notifications: int = 0
 
 
 class Store(Protocol):
@@ -90,3 +98,8 @@ class Store(Protocol):
     async def close(self) -> None:
         """Release the store's resources; later calls fail."""
         ...
+
+
+def undelivered(entries: list[OutboxEntry]) -> list[OutboxEntry]:
+    """Pending notifications and dead letters: what a store loads back."""
+    return [e for e in entries if e.state is not DeliveryState.DELIVERED]

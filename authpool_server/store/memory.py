@@ -6,9 +6,9 @@ a "restart" must come back to the same state.
 
 from __future__ import annotations
 
-from authpool_server.domain import EndedLease, Event, Lease, UsageRecord
+from authpool_server.domain import DeliveryState, EndedLease, Event, Lease, OutboxEntry, UsageRecord
 from authpool_server.ledger import SubscriptionFlags
-from authpool_server.store.base import Snapshot, WriteBatch
+from authpool_server.store.base import Snapshot, WriteBatch, undelivered
 
 __all__ = ["MemoryStore"]
 
@@ -20,6 +20,7 @@ class MemoryStore:
         self.usage: dict[str, UsageRecord] = {}
         self.events: list[Event] = []
         self.flags: dict[str, SubscriptionFlags] = {}
+        self.outbox: dict[str, OutboxEntry] = {}
         self.fencing_token = 0
         self.last_sequence = 0
         self.writes = 0
@@ -36,6 +37,8 @@ class MemoryStore:
             last_sequence=self.last_sequence,
             fencing_token=self.fencing_token,
             flags=list(self.flags.values()),
+            outbox=undelivered(list(self.outbox.values())),
+            delivered_notifications=sum(e.state is DeliveryState.DELIVERED for e in self.outbox.values()),
         )
 
     async def write(self, batch: WriteBatch) -> None:
@@ -53,6 +56,8 @@ class MemoryStore:
         self.events.extend(batch.events)
         for flags in batch.flags:
             self.flags[flags.subscription_id] = flags
+        for entry in batch.outbox:
+            self.outbox[entry.notification_id] = entry
         if batch.events:
             self.last_sequence = batch.events[-1].sequence
         self.fencing_token = max(self.fencing_token, batch.fencing_token)
@@ -61,6 +66,11 @@ class MemoryStore:
             self.usage = {k: u for k, u in self.usage.items() if u.at >= horizon.usage_before}
             self.ended = {k: e for k, e in self.ended.items() if e.ended_at >= horizon.ended_leases_before}
             self.events = [e for e in self.events if e.at >= horizon.events_before]
+            self.outbox = {
+                k: e
+                for k, e in self.outbox.items()
+                if e.state is DeliveryState.PENDING or e.updated_at >= horizon.events_before
+            }
 
     async def events_after(self, sequence: int, limit: int) -> list[Event]:
         return [e for e in self.events if e.sequence > sequence][:limit]

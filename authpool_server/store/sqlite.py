@@ -18,19 +18,30 @@ import sqlite3
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from authpool_server.domain import EndedLease, Event, EventType, Lease, Outcome, UsageRecord
+from authpool_server.domain import (
+    DeliveryState,
+    EndedLease,
+    Event,
+    EventType,
+    Lease,
+    OutboxEntry,
+    Outcome,
+    Severity,
+    UsageRecord,
+)
 from authpool_server.ledger import SubscriptionFlags
 from authpool_server.store.base import Snapshot, WriteBatch
 
 __all__ = ["SQLiteStore"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # What each version adds to the one before; applied in order at start.
 _MIGRATIONS = {
     2: (
         "ALTER TABLE usage ADD COLUMN provider_remaining_ppm INTEGER",
         "ALTER TABLE usage ADD COLUMN provider_reset_at REAL NOT NULL DEFAULT 0",
     ),
+    3: (),  # the outbox table, new in _SCHEMA (CREATE TABLE IF NOT EXISTS)
 }
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -80,6 +91,26 @@ CREATE TABLE IF NOT EXISTS events (
     at       REAL NOT NULL,
     payload  TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS outbox (
+    notification_id TEXT PRIMARY KEY,
+    event_sequence  INTEGER NOT NULL,
+    rule            TEXT NOT NULL,
+    severity        TEXT NOT NULL,
+    body            TEXT NOT NULL,
+    state           TEXT NOT NULL,
+    attempts        INTEGER NOT NULL,
+    next_attempt_at REAL NOT NULL,
+    last_error      TEXT NOT NULL,
+    updated_at      REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS outbox_state ON outbox (state);
+"""
+
+_UPSERT_OUTBOX = """
+INSERT INTO outbox VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (notification_id) DO UPDATE SET
+    state = excluded.state, attempts = excluded.attempts, next_attempt_at = excluded.next_attempt_at,
+    last_error = excluded.last_error, updated_at = excluded.updated_at
 """
 
 _UPSERT_LEASE = """
@@ -248,7 +279,25 @@ class SQLiteStore:
             SubscriptionFlags(r["subscription_id"], bool(r["draining"]), r["resumed_at"])
             for r in conn.execute("SELECT * FROM subscription_flags")
         ]
-        return Snapshot(live, ended, usage, last_sequence, token, flags)
+        outbox = [
+            OutboxEntry(
+                notification_id=r["notification_id"],
+                event_sequence=r["event_sequence"],
+                rule=r["rule"],
+                severity=Severity(r["severity"]),
+                body=r["body"],
+                state=DeliveryState(r["state"]),
+                attempts=r["attempts"],
+                next_attempt_at=r["next_attempt_at"],
+                last_error=r["last_error"],
+                updated_at=r["updated_at"],
+            )
+            for r in conn.execute("SELECT * FROM outbox WHERE state != ?", (DeliveryState.DELIVERED.value,))
+        ]
+        delivered = conn.execute(
+            "SELECT COUNT(*) FROM outbox WHERE state = ?", (DeliveryState.DELIVERED.value,)
+        ).fetchone()[0]
+        return Snapshot(live, ended, usage, last_sequence, token, flags, outbox, delivered)
 
     def _migrate(self, version: int) -> None:
         assert self._writer is not None
@@ -320,6 +369,25 @@ class SQLiteStore:
                     "DO UPDATE SET draining = excluded.draining, resumed_at = excluded.resumed_at",
                     [(f.subscription_id, int(f.draining), f.resumed_at) for f in batch.flags],
                 )
+            if batch.outbox:
+                conn.executemany(
+                    _UPSERT_OUTBOX,
+                    [
+                        (
+                            e.notification_id,
+                            e.event_sequence,
+                            e.rule,
+                            e.severity.value,
+                            e.body,
+                            e.state.value,
+                            e.attempts,
+                            e.next_attempt_at,
+                            e.last_error,
+                            e.updated_at,
+                        )
+                        for e in batch.outbox
+                    ],
+                )
             if batch.events:
                 conn.executemany(
                     "INSERT INTO events VALUES (?, ?, ?)",
@@ -338,6 +406,10 @@ class SQLiteStore:
                     (batch.prune.ended_leases_before,),
                 )
                 conn.execute("DELETE FROM events WHERE at < ?", (batch.prune.events_before,))
+                conn.execute(
+                    "DELETE FROM outbox WHERE state != ? AND updated_at < ?",
+                    (DeliveryState.PENDING.value, batch.prune.events_before),
+                )
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")

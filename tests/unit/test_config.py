@@ -303,7 +303,7 @@ INVALID = [
         ("notifications", "webhookUrl"),
         "http://hooks.company.com/notify",
         "notifications.webhookUrl",
-        "must use https://",
+        "must be an https:// URL",
         id="http-webhook",
     ),
     pytest.param(("notifications", "webhookUrl"), "ftp://x", "notifications.webhookUrl", "https", id="ftp"),
