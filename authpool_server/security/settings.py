@@ -15,11 +15,11 @@ that is how a token is rotated without downtime.
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from authpool_server.addresses import is_loopback_host
 from authpool_server.config_server import KeepaliveConfig, RateLimitConfig, SecurityConfig
 from authpool_server.security.ratelimit import Bucket
 from authpool_server.security.roles import Principal, Role
@@ -107,15 +107,7 @@ class SecuritySettings:
 
 def is_loopback(listen: str) -> bool:
     """Whether a host:port (or unix: socket) is reachable only from this machine."""
-    if listen.startswith("unix:"):
-        return True
-    host = listen.rpartition(":")[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return listen.startswith("unix:") or is_loopback_host(listen.rpartition(":")[0])
 
 
 class _Tokens:

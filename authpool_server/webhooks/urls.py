@@ -2,23 +2,11 @@
 
 from __future__ import annotations
 
-import ipaddress
 from urllib.parse import SplitResult, urlsplit
 
+from authpool_server.addresses import is_loopback_host
+
 __all__ = ["check_webhook_url", "is_loopback_host", "redacted_url"]
-
-LOOPBACK_NAMES = frozenset({"localhost"})
-
-
-def is_loopback_host(host: str) -> bool:
-    """Whether `host` (a name or an IP literal, brackets optional) is this machine: 127.0.0.0/8, ::1, localhost."""
-    host = host.strip("[]").rstrip(".").lower()
-    if host in LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _split(url: str) -> SplitResult | None:
