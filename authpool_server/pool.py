@@ -36,6 +36,7 @@ from authpool_server.domain import (
     Event,
     EventType,
     Lease,
+    OutboxEntry,
     Outcome,
     PoolSpec,
     SubscriptionSpec,
@@ -119,6 +120,8 @@ class PoolObserver(Protocol):
     """Told of the pool's own work that no RPC reports (for metrics)."""
 
     def rebalanced(self, outcome: RebalanceOutcome, trigger: str) -> None: ...
+
+    def webhook_attempted(self, entry: OutboxEntry) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -920,6 +923,8 @@ class Pool:
         if entry is None:
             return
         batch.outbox.append(entry)
+        for observer in self._observers:
+            observer.webhook_attempted(entry)
         if entry.state is DeliveryState.DEAD:
             self._event(
                 batch,

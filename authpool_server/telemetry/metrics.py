@@ -29,8 +29,11 @@ budget), `authpool_subscription_projected_usage` (at window end),
 `authpool_subscription_live_clients`, and `authpool_subscription_status`
 (label `status`: 1 for the current one, 0 for the others). For the pool:
 `authpool_fallback_clients`, `authpool_fallback_usage`, `authpool_leases_live`
-and `authpool_watchers` (open WatchEvents streams). CPU is the Python process
-collector's `process_cpu_seconds_total`.
+and `authpool_watchers` (open WatchEvents streams). Webhook deliveries:
+`authpool_webhook_attempts_total` by `result` (delivered, retry, dead),
+`authpool_webhook_pending` and `authpool_webhook_dead_lettered` (the guide's
+"webhook delivery failures" alert). CPU is the Python process collector's
+`process_cpu_seconds_total`.
 
 Money is in currency units (the config's), as floats: for dashboards, not
 accounting. Gauges read a snapshot that `refresh` takes on the event loop
@@ -55,7 +58,7 @@ import grpc
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 from opentelemetry.sdk.metrics import MeterProvider
 
-from authpool_server.domain import MICROS_PER_UNIT, SubscriptionStatus
+from authpool_server.domain import MICROS_PER_UNIT, DeliveryState, OutboxEntry, SubscriptionStatus
 from authpool_server.grpc_paths import method_name, service_of
 from authpool_server.pool import Pool, PoolStatus, RebalanceOutcome, SubscriptionView
 from authpool_server.telemetry.call import Call
@@ -132,6 +135,12 @@ class Metrics:
         self._rebalance_duration = meter.create_histogram(
             "authpool.rebalance.duration", unit="s", description="Time to plan and apply a rebalancing cycle"
         )
+        self._webhook_attempts: CounterDict[str] = CounterDict()
+        meter.create_observable_counter(
+            "authpool.webhook.attempts",
+            callbacks=[lambda _: self._webhook_attempts.observations("result")],
+            description="Webhook delivery attempts by result: delivered, retry (failed, tried again), dead",
+        )
         self._gauges(meter)
         pool.observe(self)
 
@@ -158,6 +167,10 @@ class Metrics:
         self._rebalance_runs.add(1, {"trigger": trigger})
         self._rebalance_moves.add(len(outcome.moves), {"trigger": trigger})
         self._rebalance_duration.record(outcome.seconds, {"trigger": trigger})
+
+    def webhook_attempted(self, entry: OutboxEntry) -> None:
+        result = {DeliveryState.DELIVERED: "delivered", DeliveryState.DEAD: "dead"}.get(entry.state, "retry")
+        self._webhook_attempts[result] += 1
 
     def refresh(self) -> None:
         """Take the snapshot the gauges report. Call on the event loop that owns the pool."""
@@ -196,6 +209,14 @@ class Metrics:
             description="Spend on the pay-as-you-go fallback within retention, currency units",
         )
         meter.create_observable_gauge("authpool.leases.live", callbacks=[self._live_leases], description="Live leases")
+        meter.create_observable_gauge(
+            "authpool.webhook.pending", callbacks=[self._webhook_pending], description="Webhook notifications waiting"
+        )
+        meter.create_observable_gauge(
+            "authpool.webhook.dead_lettered",
+            callbacks=[self._webhook_dead],
+            description="Webhook notifications given up, within the event retention",
+        )
         meter.create_observable_gauge(
             "authpool.watchers", callbacks=[self._watchers], description="Open WatchEvents streams"
         )
@@ -251,6 +272,14 @@ class Metrics:
     def _fallback_usage(self, _: CallbackOptions) -> Iterable[Observation]:
         status = self._pool_status()
         return [Observation(_units(status.fallback_usage_micros))] if status is not None else []
+
+    def _webhook_pending(self, _: CallbackOptions) -> Iterable[Observation]:
+        status = self._pool_status()
+        return [Observation(status.webhooks.pending)] if status is not None and status.webhooks.enabled else []
+
+    def _webhook_dead(self, _: CallbackOptions) -> Iterable[Observation]:
+        status = self._pool_status()
+        return [Observation(status.webhooks.dead_lettered)] if status is not None and status.webhooks.enabled else []
 
     def _live_leases(self, _: CallbackOptions) -> Iterable[Observation]:
         snapshot = self._snapshot

@@ -13,6 +13,7 @@ import json
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import aiohttp
 import grpc
 import pytest
 import standardwebhooks
@@ -20,6 +21,7 @@ import trustme
 from aiohttp import web
 from authpool_client.api import authpool_pb2 as pb
 from authpool_client.api import authpool_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from authpool_server.config import WebhookSettings
 from authpool_server.domain import NotificationRuleSpec
@@ -55,22 +57,41 @@ def webhook_settings(url: str, ca_path: Path, policy: RetryPolicy = QUICK) -> We
 
 
 @pytest.fixture
-async def served(tmp_path: Path, receiver: Receiver, ca_file: Path) -> AsyncIterator[Stub]:
+async def webhook_server(tmp_path: Path, receiver: Receiver, ca_file: Path) -> AsyncIterator[Server]:
     spec = dataclasses.replace(make_spec(2, ttl=3_600), notification_rules=RULES, webhooks_enabled=True)
     server = Server(
         spec,
         data_dir=tmp_path,
         security=NO_AUTH,
         listen="127.0.0.1:0",
+        admin_listen="127.0.0.1:0",
         background=False,
         webhooks=webhook_settings(receiver.hook, ca_file),
     )
     await server.start()
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            yield authpool_pb2_grpc.AuthPoolStub(channel)
+        yield server
     finally:
         await server.stop()
+
+
+@pytest.fixture
+async def served(webhook_server: Server) -> AsyncIterator[Stub]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{webhook_server.port}") as channel:
+        yield authpool_pb2_grpc.AuthPoolStub(channel)
+
+
+async def scrape(server: Server) -> dict[str, float]:
+    """`authpool_webhook_*` samples from /metrics, by name and labels."""
+    async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{server.admin_port}/metrics") as reply:
+        text = await reply.text()
+    return {
+        sample.name
+        + "".join(f"[{v}]" for k, v in sorted(sample.labels.items()) if not k.startswith("otel_")): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name.startswith("authpool_webhook")
+    }
 
 
 async def eventually(condition: Callable[[], object]) -> None:
@@ -126,6 +147,7 @@ async def test_failures_are_retried_with_the_same_id_then_delivered(
 
 
 async def test_the_last_failure_dead_letters_it_visibly(
+    webhook_server: Server,
     served: Stub,
     receiver: Receiver,
     caplog: pytest.LogCaptureFixture,
@@ -141,6 +163,11 @@ async def test_the_last_failure_dead_letters_it_visibly(
     [failure] = await events(served, pb.EVENT_TYPE_WEBHOOK_FAILURE)
     assert failure.attributes["notification_id"] == dead.notification_id
     assert failure.attributes["last_error"] == "HTTP 500"
+    metrics = await scrape(webhook_server)
+    assert metrics["authpool_webhook_attempts_total[retry]"] == QUICK.max_attempts - 1
+    assert metrics["authpool_webhook_attempts_total[dead]"] == 1
+    assert metrics["authpool_webhook_dead_lettered"] == 1
+    assert metrics["authpool_webhook_pending"] == 0
 
 
 @pytest.mark.slow
