@@ -13,6 +13,7 @@ from authpool_server.config import ConfigError, Settings, load_config
 from authpool_server.errors import StartupRefused
 from authpool_server.logs import configure_logging
 from authpool_server.security.settings import is_loopback
+from authpool_server.store import make_store
 
 __all__ = ["main"]
 
@@ -56,6 +57,14 @@ def _serve(args: argparse.Namespace) -> int:
                 security=security,
                 admin_listen=admin_listen if settings.admin.enabled else None,
                 webhooks=settings.webhooks,
+                store=make_store(
+                    settings.store.kind,
+                    data_dir=data_dir,
+                    dsn=settings.store.dsn,
+                    schema=settings.store.schema,
+                    pool_size=settings.store.pool_size,
+                    connect_timeout_seconds=settings.store.connect_timeout_seconds,
+                ),
             )
         )
     except StartupRefused as refusal:
@@ -84,6 +93,23 @@ def _config_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _db_migrate(args: argparse.Namespace) -> int:
+    settings = _load(args.config)
+    if settings.store.kind != "postgres":
+        print("authpool: the config's store is the embedded SQLite file; it migrates itself at start", file=sys.stderr)
+        return 2
+    from authpool_server.errors import StoreUnavailable
+    from authpool_server.store.postgres import migrate
+
+    try:
+        applied = asyncio.run(migrate(settings.store.dsn, settings.store.schema))
+    except StoreUnavailable as error:
+        print(f"authpool: {error}", file=sys.stderr)
+        return 1
+    print(f"schema {settings.store.schema}: " + (f"applied {', '.join(applied)}" if applied else "up to date"))
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="authpool", description="AuthPool credential-pool service")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -105,6 +131,12 @@ def _parser() -> argparse.ArgumentParser:
     check = config_commands.add_parser("check", help="validate a config file without serving")
     check.add_argument("file", help="the config file to check")
     check.set_defaults(run=_config_check)
+
+    db = commands.add_parser("db", help="database tools (the PostgreSQL store)")
+    db_commands = db.add_subparsers(dest="db_command", required=True)
+    migrate = db_commands.add_parser("migrate", help="apply the schema migrations (also done at start)")
+    migrate.add_argument("--config", help="config file (default: $AUTH_POOL_CONFIG); the DSN is $AUTHPOOL_DATABASE_URL")
+    migrate.set_defaults(run=_db_migrate)
 
     from authpool_server.simulator.cli import build_parser as build_simulator_parser
 

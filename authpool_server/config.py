@@ -44,7 +44,7 @@ from pydantic import (
 )
 
 from authpool_server.config_model import ConfigModel, check_id
-from authpool_server.config_server import AdminConfig, SecurityConfig
+from authpool_server.config_server import AdminConfig, SecurityConfig, StoreConfig
 from authpool_server.domain import (
     MICROS_PER_UNIT,
     PPM,
@@ -422,6 +422,7 @@ class PoolConfig(_Model):
     usage_retention_days: float = Field(default=7.0, gt=0)
     event_retention_days: float = Field(default=7.0, gt=0)
     events: EventsConfig = EventsConfig()
+    store: StoreConfig = StoreConfig()
     security: SecurityConfig = SecurityConfig()
     admin: AdminConfig = AdminConfig()
 
@@ -473,6 +474,15 @@ class PoolConfig(_Model):
 
 
 @dataclass(frozen=True, slots=True)
+class StoreSettings:
+    kind: str  # "sqlite" or "postgres"
+    dsn: str = field(default="", repr=False)  # may hold a password
+    schema: str = "authpool"
+    pool_size: int = 4
+    connect_timeout_seconds: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
 class WebhookSettings:
     """The webhook channel: receiver, signing secret (None when not in the environment), retries."""
 
@@ -498,6 +508,7 @@ class Settings:
         security: Authentication, TLS and limits, with tokens already hashed.
         admin: The admin HTTP port.
         webhooks: Where webhook notifications go, when a rule sends any.
+        store: Which store holds the state (and the PostgreSQL DSN, never shown).
     """
 
     pool: PoolSpec
@@ -510,6 +521,7 @@ class Settings:
     security: SecuritySettings
     admin: AdminConfig
     webhooks: WebhookSettings | None = None
+    store: StoreSettings = field(default_factory=lambda: StoreSettings("sqlite"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -592,6 +604,7 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
     security, security_problems = load_security(raw.security, env, source.parent)
     problems.extend(security_problems)
     webhooks = _webhook_settings(raw.notifications, env, source.parent, problems)
+    store = _store_settings(raw.store, env, source.parent, problems)
     if problems:
         raise ConfigError(problems, source) from None
 
@@ -607,6 +620,38 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
         security=security,
         admin=raw.admin,
         webhooks=webhooks,
+        store=store,
+    )
+
+
+def _secret_from_env(env: Mapping[str, str], name: str, base_dir: Path, problems: list[str]) -> str:
+    """`name`'s value, or the contents of the file `name`_FILE names; "" when neither is set."""
+    if text := env.get(name, "").strip():
+        return text
+    if path := env.get(f"{name}_FILE", "").strip():
+        try:
+            return (base_dir / Path(path).expanduser()).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            problems.append(f"{name}_FILE: cannot read {path} ({reason})")
+    return ""
+
+
+def _store_settings(config: StoreConfig, env: Mapping[str, str], base_dir: Path, problems: list[str]) -> StoreSettings:
+    dsn = ""
+    if config.kind == "postgres":
+        dsn = _secret_from_env(env, "AUTHPOOL_DATABASE_URL", base_dir, problems)
+        if not dsn:
+            problems.append(
+                "store.kind: postgres needs AUTHPOOL_DATABASE_URL (or AUTHPOOL_DATABASE_URL_FILE) "
+                "set to a libpq connection string, e.g. postgresql://authpool@db:5432/authpool"
+            )
+    return StoreSettings(
+        kind=config.kind,
+        dsn=dsn,
+        schema=config.schema_name,
+        pool_size=config.pool_size,
+        connect_timeout_seconds=config.connect_timeout_seconds,
     )
 
 
@@ -621,20 +666,11 @@ def _webhook_settings(
     if not config.uses_webhook or config.webhook_url is None:
         return None
     secret = None
-    text, where = env.get("AUTHPOOL_WEBHOOK_SECRET", ""), "AUTHPOOL_WEBHOOK_SECRET"
-    if not text.strip() and (path := env.get("AUTHPOOL_WEBHOOK_SECRET_FILE", "").strip()):
-        where = "AUTHPOOL_WEBHOOK_SECRET_FILE"
+    if text := _secret_from_env(env, "AUTHPOOL_WEBHOOK_SECRET", base_dir, problems):
         try:
-            text = (base_dir / Path(path).expanduser()).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-            problems.append(f"{where}: cannot read {path} ({reason})")
-            text = ""
-    if text.strip():
-        try:
-            secret = WebhookSecret.parse(text.strip())
+            secret = WebhookSecret.parse(text)
         except ValueError as exc:
-            problems.append(f"{where}: {exc}")
+            problems.append(f"AUTHPOOL_WEBHOOK_SECRET: {exc}")
     ca_file = str(base_dir / Path(config.ca_file).expanduser()) if config.ca_file else None
     if ca_file is not None:
         try:

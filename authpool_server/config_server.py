@@ -26,6 +26,7 @@ __all__ = [
     "RateLimitConfig",
     "RateLimitsConfig",
     "SecurityConfig",
+    "StoreConfig",
     "TlsConfig",
 ]
 
@@ -156,6 +157,20 @@ class SecurityConfig(ConfigModel):
     tls: TlsConfig | None = None
     rate_limits: RateLimitsConfig = RateLimitsConfig()
     limits: LimitsConfig = LimitsConfig()
+
+
+class StoreConfig(ConfigModel):
+    """Where the pool's state lives: the embedded SQLite file (default) or PostgreSQL.
+
+    PostgreSQL's DSN comes from AUTHPOOL_DATABASE_URL or the file named by
+    AUTHPOOL_DATABASE_URL_FILE, never from this file: it may hold a password.
+    """
+
+    kind: Literal["sqlite", "postgres"] = "sqlite"
+    # The PostgreSQL schema holding AuthPool's tables (one per pool on a shared database).
+    schema_name: str = Field(default="authpool", pattern=r"^[a-z_][a-z0-9_]{0,62}$", alias="schema")
+    pool_size: int = Field(default=4, ge=1, le=64)
+    connect_timeout_seconds: float = Field(default=5.0, gt=0, le=60, strict=False)
 
 
 class AdminConfig(ConfigModel):

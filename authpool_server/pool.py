@@ -231,6 +231,16 @@ class Pool:
     def ready(self) -> bool:
         return self._healthy
 
+    async def check_ready(self) -> bool:
+        """Whether calls can be served: state loaded and the store reachable now."""
+        if not self._healthy:
+            return False
+        try:
+            await self._store.ping()
+        except Exception:
+            return False
+        return True
+
     async def _last_change_at(self, snapshot: Snapshot) -> float | None:
         """When the newest durable event happened: the statuses it records hold as of then."""
         if not snapshot.last_sequence:

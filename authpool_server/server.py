@@ -35,21 +35,25 @@ from authpool_server.interceptors import build_chain
 from authpool_server.pool import Pool
 from authpool_server.security.settings import SecuritySettings
 from authpool_server.service import AuthPoolService
+from authpool_server.store import DATABASE_FILE, Store
 from authpool_server.store.sqlite import SQLiteStore
 from authpool_server.telemetry.metrics import Metrics
 from authpool_server.telemetry.providers import Telemetry, telemetry_from_env
 from authpool_server.webhooks.sender import WebhookSender
 
-__all__ = ["SERVICE_NAME", "Server", "serve"]
+__all__ = ["DATABASE_FILE", "SERVICE_NAME", "Server", "serve"]
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = authpool_pb2.DESCRIPTOR.services_by_name["AuthPool"].full_name
-DATABASE_FILE = "authpool.sqlite3"
 # Below Kubernetes' default 30 s termination grace, so a pod finishes its
 # calls and flushes before it is killed.
 DEFAULT_GRACE_SECONDS = 10.0
 METRICS_SAMPLE_SECONDS = 5.0
+READINESS_CHECK_SECONDS = 1.0
+# Health service names: Kubernetes probes liveness and readiness separately.
+LIVENESS = ("", "liveness")
+READINESS = (SERVICE_NAME, "readiness")
 
 
 class Server:
@@ -66,6 +70,7 @@ class Server:
         intercept: False serves without the interceptor chain (no auth, logs,
             metrics or spans): only for `make bench` to measure the chain's cost.
         webhooks: The webhook channel (with `spec.webhooks_enabled`); None: no delivery.
+        store: Where the state lives; None: the embedded SQLite store in `data_dir`.
     """
 
     def __init__(
@@ -79,11 +84,12 @@ class Server:
         telemetry: Telemetry | None = None,
         intercept: bool = True,
         webhooks: WebhookSettings | None = None,
+        store: Store | None = None,
         grace_seconds: float = DEFAULT_GRACE_SECONDS,
         background: bool = True,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.pool = Pool(spec, SQLiteStore(data_dir / DATABASE_FILE), clock=clock)
+        self.pool = Pool(spec, store if store is not None else SQLiteStore(data_dir / DATABASE_FILE), clock=clock)
         self._clock = clock
         self.health = health_aio.HealthServicer()
         self.security = security
@@ -100,6 +106,7 @@ class Server:
         self._background = background
         self._server: grpc.aio.Server | None = None
         self._sampler: asyncio.Task[None] | None = None
+        self._readiness: asyncio.Task[None] | None = None
         self._webhooks = webhooks
         self._dispatcher: WebhookDispatcher | None = None
         self.port = 0
@@ -157,7 +164,7 @@ class Server:
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             server,
         )
-        for service in ("", SERVICE_NAME):
+        for service in (*LIVENESS, *READINESS):
             await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.port = self._bind(server)
         if self.port == 0:
@@ -181,8 +188,9 @@ class Server:
                 self._sampler = asyncio.create_task(self._sample_forever(), name="authpool-metrics")
         if self._admin is not None:
             await self._admin.start()
-        for service in ("", SERVICE_NAME):
+        for service in (*LIVENESS, *READINESS):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self._readiness = asyncio.create_task(self._watch_readiness(), name="authpool-readiness")
         log.info(
             "serving",
             extra={
@@ -195,6 +203,24 @@ class Server:
                 }
             },
         )
+
+    async def _watch_readiness(self) -> None:
+        """Readiness follows the store; liveness stays SERVING (a store outage is no reason to restart).
+
+        Kubernetes stops routing to a pod whose readiness fails and restarts
+        one whose liveness fails; a database outage must do the first only,
+        and the pool recovers by itself when the store returns.
+        """
+        serving = True
+        while True:
+            await asyncio.sleep(READINESS_CHECK_SECONDS)
+            ready = await self.pool.check_ready()
+            if ready != serving:
+                serving = ready
+                status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+                for service in READINESS:
+                    await self.health.set(service, status)
+                log.warning("ready again" if ready else "not ready: the store is unavailable")
 
     async def _sample_forever(self) -> None:
         # Gauges are read by exporters on their own threads; they see this snapshot.
@@ -213,8 +239,9 @@ class Server:
         await self.health.enter_graceful_shutdown()
         if self._server is not None:
             await self._server.stop(grace)
-        if self._sampler is not None:
-            self._sampler.cancel()
+        for task in (self._sampler, self._readiness):
+            if task is not None:
+                task.cancel()
         if self._admin is not None:
             await self._admin.stop()
         if self._dispatcher is not None:
@@ -232,10 +259,17 @@ async def serve(
     security: SecuritySettings,
     admin_listen: str | None,
     webhooks: WebhookSettings | None,
+    store: Store,
 ) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully."""
     server = Server(
-        spec, data_dir=data_dir, listen=listen, security=security, admin_listen=admin_listen, webhooks=webhooks
+        spec,
+        data_dir=data_dir,
+        listen=listen,
+        security=security,
+        admin_listen=admin_listen,
+        webhooks=webhooks,
+        store=store,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

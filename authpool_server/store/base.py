@@ -95,6 +95,10 @@ class Store(Protocol):
         """The oldest retained event's sequence, or 0 when the log is empty."""
         ...
 
+    async def ping(self) -> None:
+        """Raise if the store cannot be reached now (readiness); cheap."""
+        ...
+
     async def close(self) -> None:
         """Release the store's resources; later calls fail."""
         ...

@@ -78,5 +78,8 @@ class MemoryStore:
     async def first_sequence(self) -> int:
         return self.events[0].sequence if self.events else 0
 
+    async def ping(self) -> None:
+        pass
+
     async def close(self) -> None:
         pass

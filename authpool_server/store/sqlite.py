@@ -437,6 +437,14 @@ class SQLiteStore:
             raise RuntimeError("the store is closed")
         return self._reader.execute("SELECT COALESCE(MIN(sequence), 0) FROM events").fetchone()[0]
 
+    async def ping(self) -> None:
+        await self._on_writer(self._ping)
+
+    def _ping(self) -> None:
+        if self._writer is None:
+            raise RuntimeError("the store is closed")
+        self._writer.execute("SELECT 1").fetchone()
+
     async def close(self) -> None:
         def close_all() -> None:
             for conn in (self._writer, self._reader):
