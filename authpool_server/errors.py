@@ -10,6 +10,7 @@
     ├── SequenceAhead              OUT_OF_RANGE: the cursor is past the log's end
     ├── StoreUnavailable           UNAVAILABLE: the store failed; retrying is safe
     ├── WatcherLagged              ABORTED: a watcher fell behind; resume from its last sequence
+    ├── ShuttingDown               UNAVAILABLE: the server is stopping; a watcher resumes elsewhere
     ├── Unauthenticated            UNAUTHENTICATED: no credentials, or unknown ones
     ├── PermissionDenied           PERMISSION_DENIED: the caller's role may not call this method
     └── RateLimited                RESOURCE_EXHAUSTED, with a retry delay
@@ -33,6 +34,7 @@ __all__ = [
     "PoolExhausted",
     "RateLimited",
     "SequenceAhead",
+    "ShuttingDown",
     "StaleFencingToken",
     "StoreUnavailable",
     "SubscriptionNotFound",
@@ -126,6 +128,17 @@ class WatcherLagged(AuthPoolError):
     def __init__(self, last_sequence: int) -> None:
         super().__init__(
             f"the watcher fell too far behind the event log; resume with after_sequence={last_sequence}",
+            resume_after_sequence=str(last_sequence),
+        )
+
+
+class ShuttingDown(AuthPoolError):
+    reason = "SHUTTING_DOWN"
+
+    def __init__(self, last_sequence: int) -> None:
+        super().__init__(
+            f"the server is shutting down; resume with after_sequence={last_sequence} (here after the restart, "
+            "or on another replica)",
             resume_after_sequence=str(last_sequence),
         )
 

@@ -30,6 +30,7 @@ _CODES: dict[type[errors.AuthPoolError], int] = {
     errors.SequenceAhead: code_pb2.OUT_OF_RANGE,
     errors.StoreUnavailable: code_pb2.UNAVAILABLE,
     errors.WatcherLagged: code_pb2.ABORTED,
+    errors.ShuttingDown: code_pb2.UNAVAILABLE,
     errors.Unauthenticated: code_pb2.UNAUTHENTICATED,
     errors.PermissionDenied: code_pb2.PERMISSION_DENIED,
     errors.RateLimited: code_pb2.RESOURCE_EXHAUSTED,

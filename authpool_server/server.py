@@ -237,6 +237,9 @@ class Server:
 
     async def _teardown(self, grace: float) -> None:
         await self.health.enter_graceful_shutdown()
+        # Event streams never end by themselves: end them now (each is told where to resume)
+        # rather than have them hold the shutdown for the whole grace period.
+        self.pool.events.close()
         if self._server is not None:
             await self._server.stop(grace)
         for task in (self._sampler, self._readiness):

@@ -8,9 +8,11 @@ field), calls one `Pool` operation, and translates the result; an
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+import time
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import grpc
@@ -19,11 +21,12 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from authpool_server.api import authpool_pb2 as pb
 from authpool_server.api import authpool_pb2_grpc
 from authpool_server.domain import PPM, DecisionKind, Event, EventType, Lease, Outcome, PoolSpec, SubscriptionStatus
-from authpool_server.errors import AuthPoolError
+from authpool_server.errors import AuthPoolError, WatcherLagged
+from authpool_server.events import EventFilter, Progress
 from authpool_server.pool import Pool, UsageReport
 from authpool_server.rpc_errors import to_status
 from authpool_server.telemetry.call import annotate
-from authpool_server.validation import MAX_COST_MICROS, MAX_TOKENS, Violations
+from authpool_server.validation import MAX_COST_MICROS, MAX_FILTER_ENTRIES, MAX_TOKENS, Violations
 
 __all__ = ["AuthPoolService", "mask_email"]
 
@@ -66,6 +69,10 @@ _EVENT_TYPE = {
     EventType.WEBHOOK_FAILURE: pb.EVENT_TYPE_WEBHOOK_FAILURE,
 }
 
+_EVENT_TYPE_OF = {wire: domain for domain, wire in _EVENT_TYPE.items()}
+# Bounds of WatchEventsRequest.progress_interval, in seconds.
+_PROGRESS_INTERVAL = (1.0, 3600.0)
+
 
 _INTERNAL = AuthPoolError("internal error; the server log has the details")
 
@@ -104,6 +111,7 @@ def _errors_as_status(
 class AuthPoolService(authpool_pb2_grpc.AuthPoolServicer):
     def __init__(self, pool: Pool) -> None:
         self._pool = pool
+        self._responses = _ResponseCache()
 
     @property
     def _spec(self) -> PoolSpec:
@@ -314,17 +322,121 @@ class AuthPoolService(authpool_pb2_grpc.AuthPoolServicer):
         await self._pool.resume(request.subscription_id)
         return pb.ResumeSubscriptionResponse()
 
-    async def WatchEvents(
-        self, request: pb.WatchEventsRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.WatchEventsResponse]:
+    async def WatchEvents(self, request: pb.WatchEventsRequest, context: grpc.aio.ServicerContext) -> None:
+        # A coroutine that writes through `context.write` (not an async
+        # generator): its task is the one blocked when the client stops
+        # reading, so the hub can cut it (see `_watch`).
         try:
-            async for event in self._pool.events.watch(request.after_sequence):
-                yield pb.WatchEventsResponse(event=_event(event))
+            only, progress_seconds = self._watch_request(request)
         except AuthPoolError as error:
             await context.abort_with_status(to_status(error))
+            raise  # unreachable: abort_with_status raises
+        await self._watch(request.after_sequence, only, progress_seconds, context)
+
+    def _watch_request(self, request: pb.WatchEventsRequest) -> tuple[EventFilter, float]:
+        check = Violations()
+        if check.entries("types", request.types, maximum=MAX_FILTER_ENTRIES):
+            for index, value in enumerate(request.types):
+                check.enum_value(f"types[{index}]", value, _EVENT_TYPE_OF, kind="event type")
+        check.identifiers("subscription_ids", request.subscription_ids, maximum=MAX_FILTER_ENTRIES)
+        check.identifiers("client_ids", request.client_ids, maximum=MAX_FILTER_ENTRIES)
+        progress_seconds: float | None = self._spec.watch_progress_seconds
+        if request.HasField("progress_interval"):
+            interval = request.progress_interval
+            low, high = _PROGRESS_INTERVAL
+            progress_seconds = check.duration(
+                "progress_interval", interval.seconds, interval.nanos, minimum=low, maximum=high
+            )
+        check.raise_if_any()
+        assert progress_seconds is not None
+        only = EventFilter(
+            types=frozenset(_EVENT_TYPE_OF[value] for value in request.types),
+            subscription_ids=frozenset(request.subscription_ids),
+            client_ids=frozenset(request.client_ids),
+        )
+        return only, progress_seconds
+
+    async def _watch(
+        self, after_sequence: int, only: EventFilter, progress_seconds: float, context: grpc.aio.ServicerContext
+    ) -> None:
+        """Stream the hub's events to the caller; a watcher that falls too far behind is cut.
+
+        A client that stops reading leaves this task blocked in a write on
+        HTTP/2 flow control, where no check of ours runs. So when its queue
+        overflows, the hub (from the publisher, which never waits) calls
+        `cut`: the watcher is already unregistered and its queue dropped, and
+        this task is cancelled out of the blocked write and ends the call with
+        ABORTED (WATCHER_LAGGED) naming the last sequence it handed over.
+        """
+        task = asyncio.current_task()
+        assert task is not None
+        lagged = False
+
+        def cut() -> None:
+            nonlocal lagged
+            lagged = True
+            task.cancel()
+
+        sent = after_sequence  # the last sequence handed to the transport: where a resume starts
+        try:
+            # Headers first: the caller knows at once that its stream is open.
+            await context.send_initial_metadata(())
+            stream = self._pool.events.watch(after_sequence, only=only, progress_seconds=progress_seconds, on_lag=cut)
+            try:
+                async for item in stream:
+                    response = self._responses.response(item)
+                    # Once a write has started the message goes out ahead of any
+                    # status, even if this task is cancelled while it waits.
+                    sent = item.sequence
+                    await context.write(response)
+            finally:
+                await stream.aclose()
+            return  # the hub's stream never ends by itself
+        except asyncio.CancelledError:
+            if not lagged:
+                raise  # the caller went away, or the server is stopping
+            task.uncancel()
+            error: AuthPoolError = WatcherLagged(sent)
+        except AuthPoolError as raised:
+            error = raised
         except Exception:
             log.exception("WatchEvents failed unexpectedly")
-            await context.abort_with_status(to_status(_INTERNAL))
+            error = _INTERNAL
+        try:
+            await context.abort_with_status(to_status(error))
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            # The status waits behind the messages already on their way (HTTP/2
+            # sends trailers after data); a caller that leaves instead of
+            # reading them fails it. grpc ends the call all the same.
+            log.debug("the caller left before the end of its event stream reached it")
+
+
+_RECENT_RESPONSES_KEPT = 1024
+
+
+class _ResponseCache:
+    """The responses of recent events: a live event goes to every watcher that wants it, built once.
+
+    Each entry holds the event it was built from, so the identity check
+    cannot be fooled by a sequence reused after a restore.
+    """
+
+    def __init__(self) -> None:
+        self._recent: dict[int, tuple[Event, pb.WatchEventsResponse]] = {}
+
+    def response(self, item: Event | Progress) -> pb.WatchEventsResponse:
+        if isinstance(item, Progress):
+            return pb.WatchEventsResponse(progress=pb.Progress(sequence=item.sequence, time=_timestamp(time.time())))
+        recent = self._recent.get(item.sequence)
+        if recent is not None and recent[0] is item:
+            return recent[1]
+        response = pb.WatchEventsResponse(event=_event(item))
+        if len(self._recent) >= _RECENT_RESPONSES_KEPT:
+            del self._recent[next(iter(self._recent))]
+        self._recent[item.sequence] = (item, response)
+        return response
 
 
 def _event(event: Event) -> pb.Event:

@@ -7,12 +7,13 @@ caller can fix its request; a request that fails any check changes nothing.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Container, Mapping, Sequence
 
 from authpool_server.errors import FieldViolation, InvalidArgument
 
 __all__ = [
     "MAX_COST_MICROS",
+    "MAX_FILTER_ENTRIES",
     "MAX_LABELS",
     "Violations",
 ]
@@ -21,6 +22,9 @@ MAX_LABELS = 16
 # One provider request costing more than a million units is a bug upstream.
 MAX_COST_MICROS = 10**12
 MAX_TOKENS = 10**9
+# Values in one of a WatchEvents request's filters (types, subscription ids, client ids).
+MAX_FILTER_ENTRIES = 100
+_NANOS_PER_SECOND = 1_000_000_000
 _ID = re.compile(r"[A-Za-z0-9._:@/-]{1,128}")
 _LABEL_KEY = re.compile(r"[A-Za-z0-9._/-]{1,63}")
 _TYPE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
@@ -80,6 +84,35 @@ class Violations:
             self.add(field, f"must not be negative, got {value}")
         elif value > maximum:
             self.add(field, f"must be at most {maximum}, got {value}")
+
+    def enum_value(self, field: str, value: int, known: Container[int], *, kind: str) -> None:
+        if value == 0:
+            self.add(field, f"must not be the UNSPECIFIED {kind} (0)")
+        elif value not in known:
+            self.add(field, f"unknown {kind} {value}")
+
+    def entries(self, field: str, values: Sequence[object], *, maximum: int) -> bool:
+        """At most `maximum` values in a repeated field; False (and a violation) if more."""
+        if len(values) > maximum:
+            self.add(field, f"must have at most {maximum} entries, got {len(values)}")
+            return False
+        return True
+
+    def identifiers(self, field: str, values: Sequence[str], *, maximum: int) -> None:
+        if self.entries(field, values, maximum=maximum):
+            for index, value in enumerate(values):
+                self.identifier(f"{field}[{index}]", value)
+
+    def duration(self, field: str, seconds: int, nanos: int, *, minimum: float, maximum: float) -> float | None:
+        """A `google.protobuf.Duration` between `minimum` and `maximum` seconds, in seconds; None if not."""
+        if not -_NANOS_PER_SECOND < nanos < _NANOS_PER_SECOND or (seconds < 0 < nanos) or (nanos < 0 < seconds):
+            self.add(field, "is not a valid duration (nanos out of range or of another sign than seconds)")
+            return None
+        value = (seconds * _NANOS_PER_SECOND + nanos) / _NANOS_PER_SECOND
+        if not minimum <= value <= maximum:
+            self.add(field, f"must be between {minimum:g} s and {maximum:g} s, got {value:g} s")
+            return None
+        return value
 
     def raise_if_any(self) -> None:
         if self._found:

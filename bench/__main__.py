@@ -3,11 +3,22 @@
 One run on one machine: start `bench.server` (the real Server with its
 durable SQLite store) in a fresh data directory under ``var/bench``, wait for
 health SERVING, then run the scenarios, each from its own `bench.load`
-process(es): the noop baseline first, then `rounds` times allocate,
-lifecycle, noop. Interleaving the rounds lets every scenario see the same
-share of whatever else the (shared, noisy) machine is doing, and the
-baseline that the ratios divide by is pooled over all its runs. Each
+process(es): the noop baseline first, then `rounds` times allocate (against
+each server), lifecycle, noop. Interleaving the rounds lets every scenario
+see the same share of whatever else the (shared, noisy) machine is doing,
+and the baseline that the ratios divide by is pooled over all its runs. Each
 scenario's figures pool its runs; each run's throughput is recorded too.
+
+`allocate_watched` is `allocate_untraced` (same server, same load) while a
+`bench.watchers` process holds 100 live WatchEvents streams, each on its own
+connection and each following one subscription (five per subscription of
+the 20: every event about one reaches five streams), as operators' tools or
+sidecars would; `watchers_ratio` is its throughput over its twin's, the two
+run back to back in each round, in alternating order. The watchers count
+what they receive and check it against the log afterwards (`watchers_*`
+figures): a ratio measured with a dead or lagging watcher is not reported.
+`allocate_watched_all` (not in the default schedule; see BENCH_SCENARIOS)
+does the same with 100 unfiltered streams, each event to every one.
 
 Prints a markdown table and the targets (PASS or MISSED), and writes every
 figure to ``var/bench/latest.json``. The exit code is 0 whether or not the
@@ -55,9 +66,19 @@ DEFAULT_OUT = ROOT / "var" / "bench" / "latest.json"
 LIFECYCLE_RPCS = 5  # Allocate, ReportUsage x3, Release
 # Every scenario runs against the server as deployed (the whole interceptor chain, with a token,
 # access logs and every span exported), except `allocate_untraced` (the same chain, with no trace
-# exporter configured, so no spans) and `allocate_bare` (no interceptors at all).
-SCENARIOS = (*LOAD_SCENARIOS, "allocate_untraced", "allocate_bare")
-LOAD = {**{name: name for name in LOAD_SCENARIOS}, "allocate_untraced": "allocate", "allocate_bare": "allocate"}
+# exporter configured, so no spans), `allocate_bare` (no interceptors at all), and the watched
+# scenarios (`allocate_untraced`'s server, while `bench.watchers` holds streams open).
+SCENARIOS = (*LOAD_SCENARIOS, "allocate_untraced", "allocate_bare", "allocate_watched", "allocate_watched_all")
+LOAD = {
+    **{name: name for name in LOAD_SCENARIOS},
+    "allocate_untraced": "allocate",
+    "allocate_bare": "allocate",
+    "allocate_watched": "allocate",
+    "allocate_watched_all": "allocate",
+}
+# Scenarios run against the untraced server while `bench.watchers` holds streams open: what they follow.
+WATCHED = {"allocate_watched": "subscription", "allocate_watched_all": "all"}
+WATCHERS = 100
 _SERVER_START_TIMEOUT = 30.0
 _LOAD_READY_TIMEOUT = 30.0
 _DRIFT_WARNING = 0.15
@@ -70,6 +91,7 @@ TARGETS: tuple[tuple[str, str, str, float, str | None], ...] = (
     ("lifecycle_rps >= 1000", "lifecycle_rps", ">=", 1000.0, None),
     ("simulator_decisions_per_s >= 200000", "simulator_decisions_per_s", ">=", 200_000.0, None),
     ("interceptor_overhead <= 0.15", "interceptor_overhead", "<=", 0.15, None),
+    ("watchers_ratio >= 0.9", "watchers_ratio", ">=", 0.9, None),
 )
 
 
@@ -105,7 +127,11 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.scenarios:
         args.schedule = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     else:
-        rounds = ["allocate", "allocate_untraced", "allocate_bare", "lifecycle", "noop"] * max(1, args.rounds)
+        rounds: list[str] = []
+        for index in range(max(1, args.rounds)):
+            # The watched scenario and its twin back to back, first one then the other first.
+            twins = ["allocate_untraced", "allocate_watched"][:: 1 if index % 2 == 0 else -1]
+            rounds += ["allocate", *twins, "allocate_bare", "lifecycle", "noop"]
         args.schedule = ["noop", *rounds]
     unknown = [s for s in args.schedule if s not in SCENARIOS]
     if unknown:
@@ -250,6 +276,69 @@ def _run_scenario(
                 process.wait()
 
 
+@contextlib.contextmanager
+def _watchers(
+    server: ServerProcess, follow: str, subscriptions: int, index: int, work_dir: Path, token: str
+) -> Iterator[dict[str, Any]]:
+    """`bench.watchers` holding its streams open (ready before this yields); its result once it has stopped."""
+    out = work_dir / f"{index:02d}-watchers.json"
+    command = [
+        *(sys.executable, "-m", "bench.watchers", "--target", server.target, "--watchers", str(WATCHERS)),
+        *("--follow", follow, "--subscriptions", str(subscriptions), "--out", str(out)),
+    ]
+    process = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "BENCH_TOKEN": token} if token else None,
+    )
+    try:
+        if _readline(process.stdout, _LOAD_READY_TIMEOUT).strip() != "ready":
+            raise RuntimeError(f"the watchers did not get ready:\n{server.stderr_tail()}")
+        result: dict[str, Any] = {}
+        yield result
+        assert process.stdin is not None
+        process.stdin.write("stop\n")
+        process.stdin.flush()
+        if process.wait(timeout=120) != 0:
+            raise RuntimeError(f"the watchers process failed (exit {process.returncode})")
+        result.update(json.loads(out.read_text()))
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def _watcher_figures(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the watchers of one scenario received over its runs: the proof that they were live."""
+    received = [count for run in runs for count in run["received"]]
+    return {
+        "watchers": runs[0]["watchers"],
+        "follow": runs[0]["follow"],
+        "runs": len(runs),
+        "events_in_log": sum(run["events_in_log"] for run in runs),
+        "events_received": sum(received),
+        "events_expected": sum(sum(run["expected"]) for run in runs),
+        "events_missed": sum(run["missed"] for run in runs),
+        "min_events_per_watcher_run": min(received) if received else 0,
+        "progress_messages": sum(run["progress_messages"] for run in runs),
+        "out_of_order": sum(run["out_of_order"] for run in runs),
+        "errors": [error for run in runs for error in run["errors"]],
+        "client_cpu_seconds": sum(run["client_cpu_seconds"] for run in runs),
+    }
+
+
+def _watchers_live(figures: dict[str, Any]) -> bool:
+    return (
+        figures["min_events_per_watcher_run"] > 0
+        and figures["events_missed"] == 0
+        and figures["out_of_order"] == 0
+        and not figures["errors"]
+    )
+
+
 # -- figures ------------------------------------------------------------------------------
 
 
@@ -340,6 +429,31 @@ def _flat(scenarios: dict[str, dict[str, Any]]) -> dict[str, Any]:
             flat["interceptor_untraced_cpu_ratio"] = _ratio(
                 scenarios["allocate_untraced"]["cpu"]["server_cpu_us_per_rpc"], bare_cpu
             )
+    untraced = scenarios.get("allocate_untraced")
+    for name, key in (("allocate_watched", "watchers"), ("allocate_watched_all", "watchers_all")):
+        if name not in scenarios or untraced is None:
+            continue
+        watched = scenarios[name]
+        ratio = _ratio(watched["rps"], untraced["rps"])
+        # A ratio measured with a dead or lagging watcher is no measure of live watchers.
+        flat[f"{key}_ratio"] = ratio if _watchers_live(watched["watchers"]) else None
+        flat[f"{key}_ratio_unchecked"] = ratio
+        # Server CPU per Allocate without watchers / with: steadier than throughput on a noisy machine.
+        flat[f"{key}_cpu_ratio"] = _ratio(
+            untraced["cpu"]["server_cpu_us_per_rpc"], watched["cpu"]["server_cpu_us_per_rpc"]
+        )
+        flat[f"{key}_events_received"] = watched["watchers"]["events_received"]
+        flat[f"{key}_events_missed"] = watched["watchers"]["events_missed"]
+        # What one message to one watcher costs the server: the extra CPU per Allocate over the
+        # messages each Allocate caused (a NEW one writes an event, which goes to every watcher of it).
+        decisions = watched["decisions"]
+        events_per_call = _ratio(decisions.get("DECISION_KIND_NEW", 0), sum(decisions.values()))
+        fan_out = _ratio(watched["watchers"]["events_expected"], watched["watchers"]["events_in_log"])
+        with_cpu, without_cpu = watched["cpu"]["server_cpu_us_per_rpc"], untraced["cpu"]["server_cpu_us_per_rpc"]
+        if None not in (events_per_call, fan_out, with_cpu, without_cpu):
+            messages_per_call = events_per_call * fan_out  # type: ignore[operator]
+            flat[f"{key}_messages_per_allocate"] = messages_per_call
+            flat[f"{key}_server_us_per_message"] = _ratio(with_cpu - without_cpu, messages_per_call)  # type: ignore[operator]
     if "noop" in scenarios:
         noop = scenarios["noop"]
         if "allocate" in scenarios:
@@ -397,6 +511,14 @@ def _problems(scenarios: dict[str, dict[str, Any]], flat: dict[str, Any], store:
             "throughput ratios are unreliable (a busy machine slows the CPU-bound noop more than the "
             "latency-bound scenarios); allocate_cpu_ratio is the steadier guide"
         )
+    for name, figures in scenarios.items():
+        watched = figures.get("watchers")
+        if watched is not None and not _watchers_live(watched):
+            problems.append(
+                f"{name}: the watchers were not all live and complete (fewest events one received in a run "
+                f"{watched['min_events_per_watcher_run']}, missed {watched['events_missed']}, out of order "
+                f"{watched['out_of_order']}, errors {watched['errors'][:3]}): its ratio is not reported"
+            )
     ceiling = flat.get("lifecycle_noop_ceiling_rps")
     for name, key, _, bound, multiple_of in TARGETS:
         if key == "lifecycle_rps" and multiple_of is None and ceiling is not None and ceiling < bound:
@@ -500,6 +622,8 @@ def _table(scenarios: dict[str, dict[str, Any]]) -> str:
         "allocate": "allocate",
         "allocate_untraced": "allocate, chain without spans",
         "allocate_bare": "allocate, no interceptors",
+        "allocate_watched": f"allocate, chain without spans, {WATCHERS} watchers (one subscription each)",
+        "allocate_watched_all": f"allocate, chain without spans, {WATCHERS} unfiltered watchers",
         "lifecycle": "lifecycle (rps / noop per RPC)",
     }
     for name, label in labels.items():
@@ -523,6 +647,19 @@ def _report(result: dict[str, Any]) -> str:
             f"allocate_cpu_ratio {_fmt(result['allocate_cpu_ratio'])}: server CPU per no-op / per Allocate, "
             "what allocate_ratio tends to while the server is CPU-bound (steadier on a noisy machine)"
         )
+    for name in WATCHED:
+        watched = scenarios.get(name, {}).get("watchers")
+        if watched is not None:
+            key = "watchers" if name == "allocate_watched" else "watchers_all"
+            lines.append(
+                f"{name}: {watched['watchers']} watchers following {watched['follow']}; received "
+                f"{watched['events_received']:,} of {watched['events_expected']:,} events due "
+                f"({watched['events_in_log']:,} in the log), missed {watched['events_missed']}, fewest in a run "
+                f"{watched['min_events_per_watcher_run']:,}; throughput / twin "
+                f"{_fmt(result.get(key + '_ratio_unchecked'))}, server CPU per Allocate twin / watched "
+                f"{_fmt(result.get(key + '_cpu_ratio'))}; {_fmt(result.get(key + '_messages_per_allocate'))} "
+                f"messages per Allocate, {_fmt(result.get(key + '_server_us_per_message'), 0)} µs server CPU each"
+            )
     lines.append("")
     for target in result["targets"]:
         verdict = {True: "PASS", False: "MISSED", None: "NOT MEASURED"}[target["met"]]
@@ -559,6 +696,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # On the real disk next to the report, not in a tmpfs, so that fsync costs what it costs.
     work_dir = Path(tempfile.mkdtemp(prefix="run-", dir=args.out.parent))
     raw: dict[str, list[list[dict[str, Any]]]] = {}
+    watched_raw: dict[str, list[dict[str, Any]]] = {}
     token = secrets.token_hex(24)
     try:
         with contextlib.ExitStack() as stack:
@@ -576,10 +714,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 server, server_token = {
                     "allocate_bare": (bare, ""),
                     "allocate_untraced": (untraced, token),
+                    "allocate_watched": (untraced, token),
+                    "allocate_watched_all": (untraced, token),
                 }.get(scenario, (full, token))
-                raw.setdefault(scenario, []).append(
-                    _run_scenario(args, server, scenario, index, work_dir, server_token)
-                )
+                follow = WATCHED.get(scenario)
+                with (
+                    _watchers(server, follow, args.subscriptions, index, work_dir, server_token)
+                    if follow is not None
+                    else contextlib.nullcontext({})
+                ) as watched:
+                    raw.setdefault(scenario, []).append(
+                        _run_scenario(args, server, scenario, index, work_dir, server_token)
+                    )
+                if follow is not None:
+                    watched_raw.setdefault(scenario, []).append(watched)
         spans_exported = sink.spans
         store = _store_counts(work_dir / "data-full")
     finally:
@@ -590,6 +738,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     simulator = _simulator_figures()  # after the server has stopped: the two would share the CPUs
 
     scenarios = {name: _scenario_figures(raw[name], args.duration) for name in SCENARIOS if name in raw}
+    for name, runs in watched_raw.items():
+        scenarios[name]["watchers"] = _watcher_figures(runs)
     flat = {**_flat(scenarios), **simulator}
     targets = _targets(flat)
     return {

@@ -543,7 +543,7 @@ async def test_an_unexpected_server_fault_is_internal_with_error_info_and_leaks_
 async def test_an_unexpected_fault_in_the_event_stream_is_internal_with_error_info(
     server: Server, stub: Stub, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async def broken_watch(after_sequence: int) -> AsyncIterator[object]:
+    async def broken_watch(after_sequence: int, **_: object) -> AsyncIterator[object]:
         raise RuntimeError(f"something broke reading {SECRET}")
         yield  # pragma: no cover - makes this an async generator
 

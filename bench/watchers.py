@@ -1,0 +1,191 @@
+"""Live WatchEvents streams held open during a scenario: `python -m bench.watchers --target HOST:PORT`.
+
+What `allocate_watched` measures Allocate with: `--watchers` (100) streams,
+each on a connection of its own as separate operators' tools or sidecars
+would be, each following one subscription (``--follow subscription``:
+watcher i follows ``bench-sub{i mod subscriptions + 1}``, so with the bench's
+20 subscriptions every subscription has five watchers and every event about
+one reaches five streams), or every event (``--follow all``: the firehose an
+audit-log shipper reads, each event to every stream). Progress messages come
+at the server's default interval.
+
+The process opens every stream from the newest sequence (no replay), waits
+until the server has answered each one's headers, prints ``ready``, and then
+counts what each stream receives until it reads ``stop`` on stdin. Then, with
+the load over, it reads the log the scenario wrote from an unfiltered stream
+of its own, works out what each watcher should have received, waits (a few
+seconds at most) for the last messages in flight, and writes per watcher what
+it received and what it missed, as JSON to ``--out``: the proof that the
+watchers were live throughout and kept up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from authpool_client.api import authpool_pb2 as pb
+from authpool_client.api import authpool_pb2_grpc
+
+__all__ = ["main"]
+
+_CALL_TIMEOUT = 10.0
+_SETTLE_SECONDS = 5.0
+# A channel of its own per watcher: without this, grpc shares one connection among
+# channels to the same target with the same options.
+_OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
+
+
+@dataclass
+class Watcher:
+    subscription_ids: tuple[str, ...]  # empty: every event
+    call: grpc.aio.UnaryStreamCall | None = None
+    events: int = 0
+    progress: int = 0
+    last_sequence: int = 0
+    out_of_order: int = 0
+    error: str = ""
+    reader: asyncio.Task[None] | None = None
+    channel: grpc.aio.Channel | None = field(default=None, repr=False)
+    due: int | None = None  # events it should have received, once the log has been read
+    settled: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def expect(self, due: int) -> None:
+        self.due = due
+        if self.events >= due or self.error:
+            self.settled.set()
+
+    def wants(self, event: pb.Event) -> bool:
+        """The server's subscription filter: about it, or a lease moved away from it."""
+        ids = self.subscription_ids
+        return (
+            not ids
+            or event.subscription_id in ids
+            or (event.type == pb.EVENT_TYPE_LEASE_MOVED and event.attributes.get("from_subscription_id") in ids)
+        )
+
+    async def read(self) -> None:
+        assert self.call is not None
+        try:
+            async for message in self.call:
+                if message.HasField("progress"):
+                    self.progress += 1
+                    continue
+                sequence = message.event.sequence
+                if sequence <= self.last_sequence:
+                    self.out_of_order += 1
+                self.last_sequence = sequence
+                self.events += 1
+                if self.due is not None and self.events >= self.due:
+                    self.settled.set()
+        except grpc.aio.AioRpcError as error:
+            if error.code() != grpc.StatusCode.CANCELLED:
+                self.error = f"{error.code().name}: {error.details()}"
+        finally:
+            self.settled.set()
+
+
+async def _log_between(stub: authpool_pb2_grpc.AuthPoolStub, after: int, last: int, metadata: tuple) -> list[pb.Event]:
+    """The events after `after` up to `last`, from an unfiltered stream of our own."""
+    events: list[pb.Event] = []
+    if last <= after:
+        return events
+    call = stub.WatchEvents(pb.WatchEventsRequest(after_sequence=after), metadata=metadata)
+    try:
+        async for message in call:
+            if message.HasField("event"):
+                events.append(message.event)
+                if message.event.sequence >= last:
+                    break
+    finally:
+        call.cancel()
+    return events
+
+
+async def _wait_for_stop() -> None:
+    line = await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    if line.strip() != "stop":
+        raise SystemExit("bench.watchers: expected 'stop' on stdin")
+
+
+async def _run(args: argparse.Namespace) -> dict[str, object]:
+    token = os.environ.get("BENCH_TOKEN")
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+    if args.follow == "subscription":
+        watchers = [Watcher((f"bench-sub{i % args.subscriptions + 1}",)) for i in range(args.watchers)]
+    else:
+        watchers = [Watcher(()) for _ in range(args.watchers)]
+    async with grpc.aio.insecure_channel(args.target) as control:
+        stub = authpool_pb2_grpc.AuthPoolStub(control)
+        status = await stub.Status(pb.StatusRequest(), timeout=_CALL_TIMEOUT, metadata=metadata)
+        first = status.totals.last_sequence
+        try:
+            for watcher in watchers:
+                watcher.channel = grpc.aio.insecure_channel(args.target, options=_OWN_CONNECTION)
+                request = pb.WatchEventsRequest(after_sequence=first, subscription_ids=watcher.subscription_ids)
+                watcher.call = authpool_pb2_grpc.AuthPoolStub(watcher.channel).WatchEvents(request, metadata=metadata)
+            # The server sends a stream's headers once its watcher is registered.
+            await asyncio.wait_for(
+                asyncio.gather(*(w.call.initial_metadata() for w in watchers if w.call is not None)),
+                timeout=_CALL_TIMEOUT,
+            )
+            for watcher in watchers:
+                watcher.reader = asyncio.create_task(watcher.read())
+            cpu_before = time.process_time()
+            print("ready", flush=True)
+            await _wait_for_stop()
+            status = await stub.Status(pb.StatusRequest(), timeout=_CALL_TIMEOUT, metadata=metadata)
+            last = status.totals.last_sequence
+            log = await asyncio.wait_for(_log_between(stub, first, last, metadata), timeout=60)
+            expected = [sum(1 for event in log if watcher.wants(event)) for watcher in watchers]
+            for watcher, due in zip(watchers, expected, strict=True):
+                watcher.expect(due)
+            # The last events may still be on their way; a watcher that never gets them has missed them.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*(w.settled.wait() for w in watchers)), _SETTLE_SECONDS)
+            cpu_seconds = time.process_time() - cpu_before
+        finally:
+            for watcher in watchers:
+                if watcher.call is not None:
+                    watcher.call.cancel()
+            await asyncio.gather(*(w.reader for w in watchers if w.reader is not None), return_exceptions=True)
+            await asyncio.gather(*(w.channel.close() for w in watchers if w.channel is not None))
+    return {
+        "watchers": len(watchers),
+        "follow": args.follow,
+        "first_sequence": first,
+        "last_sequence": last,
+        "events_in_log": len(log),
+        "received": [w.events for w in watchers],
+        "expected": expected,
+        "missed": sum(max(0, n - w.events) for w, n in zip(watchers, expected, strict=True)),
+        "progress_messages": sum(w.progress for w in watchers),
+        "out_of_order": sum(w.out_of_order for w in watchers),
+        "errors": [w.error for w in watchers if w.error],
+        "client_cpu_seconds": cpu_seconds,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.watchers")
+    parser.add_argument("--target", required=True, help="host:port of the server")
+    parser.add_argument("--watchers", type=int, default=100)
+    parser.add_argument("--follow", choices=("subscription", "all"), default="subscription")
+    parser.add_argument("--subscriptions", type=int, default=20, help="the bench pool's subscriptions")
+    parser.add_argument("--out", required=True, help="where to write the JSON result")
+    args = parser.parse_args(argv)
+    result = asyncio.run(_run(args))
+    Path(args.out).write_text(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
