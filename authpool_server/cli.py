@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from authpool_server.config import ConfigError, Settings, load_config
-from authpool_server.errors import StartupRefused
+from authpool_server.errors import StartupRefused, StoreUnavailable
 from authpool_server.logs import configure_logging
 from authpool_server.security.settings import is_loopback
 from authpool_server.store import make_store
@@ -70,6 +70,9 @@ def _serve(args: argparse.Namespace) -> int:
     except StartupRefused as refusal:
         print(f"authpool: {refusal}", file=sys.stderr)
         return 2
+    except StoreUnavailable as error:
+        print(f"authpool: cannot start: {error}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -98,12 +101,11 @@ def _db_migrate(args: argparse.Namespace) -> int:
     if settings.store.kind != "postgres":
         print("authpool: the config's store is the embedded SQLite file; it migrates itself at start", file=sys.stderr)
         return 2
-    from authpool_server.errors import StoreUnavailable
     from authpool_server.store.postgres import migrate
 
     try:
         applied = asyncio.run(migrate(settings.store.dsn, settings.store.schema))
-    except StoreUnavailable as error:
+    except (StoreUnavailable, StartupRefused) as error:
         print(f"authpool: {error}", file=sys.stderr)
         return 1
     print(f"schema {settings.store.schema}: " + (f"applied {', '.join(applied)}" if applied else "up to date"))

@@ -296,10 +296,12 @@ class Pool:
         # memory matches what is durable again.
         self._healthy = False
         self._unsettled.clear()
+        published = self.events.last_sequence
         while True:
             try:
                 snapshot = await self._store.load()
                 self._rebuild(snapshot, await self._last_change_at(snapshot))
+                await self._publish_missed(published, snapshot.last_sequence)
             except Exception:
                 log.exception("reloading state from the store failed; retrying in 1s")
                 await asyncio.sleep(1.0)
@@ -307,6 +309,21 @@ class Pool:
                 self._healthy = True
                 log.warning("state reloaded from the store after a failed write")
                 return
+
+    async def _publish_missed(self, published: int, last: int) -> None:
+        """Hand watchers the events of a write that reported failure but committed.
+
+        A networked store can lose the connection while COMMIT is in flight:
+        the write failed for us, yet its events are durable. Watchers must
+        not skip them.
+        """
+        self.events.last_sequence = published
+        while self.events.last_sequence < last:
+            page = await self._store.events_after(self.events.last_sequence, 500)
+            if not page:
+                break
+            self.events.publish(page)
+        self.events.last_sequence = last
 
     def _roll_window(self, ledger: SubscriptionLedger, now: float) -> None:
         window = balancer.window_bounds(now, ledger.reset)

@@ -887,3 +887,44 @@ async def test_calls_are_refused_until_the_reload_after_a_failed_write_completes
     assert (await pool.allocate("client-c")).kind is DecisionKind.NEW
     assert_memory_matches_store(pool, store)
     assert_gapless(store)
+
+
+class _CommitsThenFails(MemoryStore):
+    """The next write commits, then reports failure: a connection lost while COMMIT was in flight."""
+
+    fail_after_commit = False
+
+    async def write(self, batch: WriteBatch) -> None:
+        await super().write(batch)
+        if self.fail_after_commit:
+            self.fail_after_commit = False
+            raise ConnectionError("connection lost during COMMIT")
+
+
+async def test_watchers_see_the_events_of_a_write_that_failed_but_committed(clock: FakeClock) -> None:
+    store = _CommitsThenFails()
+    pool = Pool(make_spec(), store, clock=clock, new_id=ids("lease"))
+    await pool.start(background=False)
+    try:
+        await pool.allocate("c1")
+        seen: list[int] = []
+
+        async def follow() -> None:
+            async for event in pool.events.watch(store.last_sequence):
+                seen.append(event.sequence)  # type: ignore[union-attr]
+
+        watcher = asyncio.create_task(follow())
+        await asyncio.sleep(0)
+        store.fail_after_commit = True
+        with pytest.raises(StoreUnavailable):
+            await pool.allocate("c2")
+        async with asyncio.timeout(5):
+            while not pool.ready:  # noqa: ASYNC110 - the reload runs in the committer's task
+                await asyncio.sleep(0.01)
+            while len(seen) < len(store.events) - 1:  # noqa: ASYNC110 - the watcher task fills `seen`
+                await asyncio.sleep(0.01)
+        assert seen == [e.sequence for e in store.events[1:]]  # nothing skipped, nothing twice
+        assert "c2" in {lease.client_id for lease in pool.status(include_clients=True).leases}  # it did commit
+        watcher.cancel()
+    finally:
+        await pool.close()
