@@ -68,11 +68,19 @@ LIFECYCLE_RPCS = 5  # Allocate, ReportUsage x3, Release
 # access logs and every span exported), except `allocate_untraced` (the same chain, with no trace
 # exporter configured, so no spans), `allocate_bare` (no interceptors at all), and the watched
 # scenarios (`allocate_untraced`'s server, while `bench.watchers` holds streams open).
-SCENARIOS = (*LOAD_SCENARIOS, "allocate_untraced", "allocate_bare", "allocate_watched", "allocate_watched_all")
+SCENARIOS = (
+    *LOAD_SCENARIOS,
+    "allocate_untraced",
+    "allocate_bare",
+    "allocate_pg",
+    "allocate_watched",
+    "allocate_watched_all",
+)
 LOAD = {
     **{name: name for name in LOAD_SCENARIOS},
     "allocate_untraced": "allocate",
     "allocate_bare": "allocate",
+    "allocate_pg": "allocate",
     "allocate_watched": "allocate",
     "allocate_watched_all": "allocate",
 }
@@ -91,6 +99,7 @@ TARGETS: tuple[tuple[str, str, str, float, str | None], ...] = (
     ("lifecycle_rps >= 1000", "lifecycle_rps", ">=", 1000.0, None),
     ("simulator_decisions_per_s >= 200000", "simulator_decisions_per_s", ">=", 200_000.0, None),
     ("interceptor_overhead <= 0.15", "interceptor_overhead", "<=", 0.15, None),
+    ("pg1_ratio >= 0.4", "pg1_ratio", ">=", 0.4, None),
     ("watchers_ratio >= 0.9", "watchers_ratio", ">=", 0.9, None),
 )
 
@@ -131,7 +140,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         for index in range(max(1, args.rounds)):
             # The watched scenario and its twin back to back, first one then the other first.
             twins = ["allocate_untraced", "allocate_watched"][:: 1 if index % 2 == 0 else -1]
-            rounds += ["allocate", *twins, "allocate_bare", "lifecycle", "noop"]
+            rounds += ["allocate", *twins, "allocate_bare", "allocate_pg", "lifecycle", "noop"]
         args.schedule = ["noop", *rounds]
     unknown = [s for s in args.schedule if s not in SCENARIOS]
     if unknown:
@@ -163,6 +172,21 @@ class ServerProcess:
             return ""
 
 
+@contextlib.contextmanager
+def _postgres_schema() -> Iterator[tuple[dict[str, str], list[str]]]:
+    """A schema of its own on the benchmark's PostgreSQL (BENCH_DATABASE_URL, else the local `test`), dropped after."""
+    import psycopg
+    from psycopg import sql
+
+    dsn = _env("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
+    schema = f"authpool_bench_{secrets.token_hex(4)}"
+    try:
+        yield {"BENCH_DATABASE_URL": dsn}, ["--store", "postgres", "--schema", schema]
+    finally:
+        with contextlib.suppress(psycopg.Error), psycopg.connect(dsn, autocommit=True, connect_timeout=5) as conn:
+            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+
+
 def _readline(stream: Any, timeout: float) -> str:
     """One line from a child's stdout, or "" after `timeout` seconds."""
     box: list[str] = []
@@ -174,7 +198,12 @@ def _readline(stream: Any, timeout: float) -> str:
 
 @contextlib.contextmanager
 def _server(
-    work_dir: Path, subscriptions: int, chain: str, env: dict[str, str], name: str = ""
+    work_dir: Path,
+    subscriptions: int,
+    chain: str,
+    env: dict[str, str],
+    name: str = "",
+    extra: Sequence[str] = (),
 ) -> Iterator[ServerProcess]:
     name = name or chain
     data_dir = work_dir / f"data-{name}"
@@ -182,7 +211,7 @@ def _server(
     command = [sys.executable, "-m", "bench.server", "--data-dir", str(data_dir), "--subscriptions", str(subscriptions)]
     with stderr_path.open("w") as stderr:
         process = subprocess.Popen(
-            [*command, "--chain", chain],
+            [*command, "--chain", chain, *extra],
             cwd=ROOT,
             stdout=subprocess.PIPE,
             stderr=stderr,
@@ -416,6 +445,9 @@ def _flat(scenarios: dict[str, dict[str, Any]]) -> dict[str, Any]:
         flat[f"{name}_server_cpu_us_per_rpc"] = figures["cpu"]["server_cpu_us_per_rpc"]
     if "lifecycle" in scenarios:
         flat["lifecycle_rpc_rps"] = scenarios["lifecycle"]["rps"] * LIFECYCLE_RPCS
+    if "allocate_pg" in scenarios and "allocate_bare" in scenarios:
+        # The same Allocate load on PostgreSQL and on the embedded store, both without interceptors.
+        flat["pg1_ratio"] = _ratio(scenarios["allocate_pg"]["rps"], scenarios["allocate_bare"]["rps"])
     if "allocate" in scenarios and "allocate_bare" in scenarios:
         # The share of Allocate throughput the interceptor chain costs (0.15: 15 % fewer calls per second).
         kept = _ratio(scenarios["allocate"]["rps"], scenarios["allocate_bare"]["rps"])
@@ -622,6 +654,7 @@ def _table(scenarios: dict[str, dict[str, Any]]) -> str:
         "allocate": "allocate",
         "allocate_untraced": "allocate, chain without spans",
         "allocate_bare": "allocate, no interceptors",
+        "allocate_pg": "allocate on PostgreSQL, no interceptors",
         "allocate_watched": f"allocate, chain without spans, {WATCHERS} watchers (one subscription each)",
         "allocate_watched_all": f"allocate, chain without spans, {WATCHERS} unfiltered watchers",
         "lifecycle": "lifecycle (rps / noop per RPC)",
@@ -707,12 +740,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 _server(work_dir, args.subscriptions, "full", {"BENCH_TOKEN": token}, "untraced")
             )
             bare = stack.enter_context(_server(work_dir, args.subscriptions, "off", {}))
-            for server in (full, untraced, bare):
+            servers = [full, untraced, bare]
+            pg = None
+            if "allocate_pg" in args.schedule:
+                pg_env, pg_extra = stack.enter_context(_postgres_schema())
+                pg = stack.enter_context(_server(work_dir, args.subscriptions, "off", pg_env, "pg", pg_extra))
+                servers.append(pg)
+            for server in servers:
                 print(f"server pid {server.pid} on {server.target}; data in {server.data_dir}", file=sys.stderr)
             for index, scenario in enumerate(args.schedule):
                 print(f"[{index + 1}/{len(args.schedule)}] {scenario} ...", file=sys.stderr, flush=True)
                 server, server_token = {
                     "allocate_bare": (bare, ""),
+                    "allocate_pg": (pg, ""),
                     "allocate_untraced": (untraced, token),
                     "allocate_watched": (untraced, token),
                     "allocate_watched_all": (untraced, token),

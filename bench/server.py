@@ -70,6 +70,11 @@ async def _serve(args: argparse.Namespace) -> None:
         security, intercept = full_chain_security(os.environ["BENCH_TOKEN"]), True
     else:
         security, intercept = NO_AUTH, False
+    store = None
+    if args.store == "postgres":
+        from authpool_server.store.postgres import PostgresStore
+
+        store = PostgresStore(os.environ["BENCH_DATABASE_URL"], schema=args.schema)
     server = Server(
         spec,
         data_dir=Path(args.data_dir),
@@ -77,6 +82,7 @@ async def _serve(args: argparse.Namespace) -> None:
         intercept=intercept,
         listen=args.listen,
         grace_seconds=2.0,
+        store=store,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -97,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--subscriptions", type=int, default=20)
     parser.add_argument("--max-clients", type=int, default=100_000)
     parser.add_argument("--ttl", type=float, default=600.0)
+    parser.add_argument("--store", choices=("sqlite", "postgres"), default="sqlite")
+    parser.add_argument("--schema", default="authpool_bench", help="PostgreSQL schema (DSN: $BENCH_DATABASE_URL)")
     parser.add_argument(
         "--chain",
         choices=("full", "off"),
