@@ -39,15 +39,17 @@ def _serve(args: argparse.Namespace) -> int:
     listen = args.listen or settings.listen
     data_dir = Path(args.data_dir) if args.data_dir else settings.data_dir
     security = settings.security
-    if args.insecure_no_auth:
-        if not is_loopback(listen):
-            print(
-                f"authpool: --insecure-no-auth is for local development: listen on 127.0.0.1, not {listen}",
-                file=sys.stderr,
-            )
-            return 2
-        security = security.without_auth()
     admin_listen = args.admin_listen or settings.admin.listen
+    if args.insecure_no_auth:
+        for what, address in (("listen", listen), ("the admin port", admin_listen if settings.admin.enabled else "")):
+            if address and not is_loopback(address):
+                print(
+                    f"authpool: --insecure-no-auth is for local development: {what} must be on 127.0.0.1, "
+                    f"not {address}",
+                    file=sys.stderr,
+                )
+                return 2
+        security = security.without_auth()
     try:
         asyncio.run(
             serve(

@@ -115,6 +115,10 @@ class TlsConfig(ConfigModel):
     def _mtls_needs_ca(self) -> Self:
         if (self.require_client_cert or self.client_certificates) and self.client_ca_file is None:
             raise ValueError("clientCaFile is required to verify client certificates")
+        if self.client_certificates and not self.require_client_cert:
+            # gRPC's Python API can require a client certificate or not ask for one; it cannot
+            # ask for an optional one, so the mapping would never see a certificate.
+            raise ValueError("clientCertificates need requireClientCert: true (gRPC cannot ask for an optional one)")
         return self
 
 

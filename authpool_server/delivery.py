@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 # Even with nothing due, look again this often (a clock that jumps, an entry restored late).
 _IDLE_RECHECK_SECONDS = 5.0
+_NOT_READY_RECHECK_SECONDS = 1.0
 
 
 class WebhookDispatcher:
@@ -69,14 +70,20 @@ class WebhookDispatcher:
         outbox, wakeup = self._pool.outbox, self._pool.outbox_wakeup
         while True:
             wakeup.clear()
-            room = self._concurrency - len(self._in_flight)
-            for entry in outbox.due(self._clock(), room, skip=set(self._in_flight)) if room > 0 else ():
+            if not self._pool.ready:
+                # The store is away: attempts could not be recorded, so they would only repeat.
+                await asyncio.sleep(_NOT_READY_RECHECK_SECONDS)
+                continue
+            in_flight = set(self._in_flight)
+            room = self._concurrency - len(in_flight)
+            for entry in outbox.due(self._clock(), room, skip=in_flight) if room > 0 else ():
                 task = asyncio.create_task(self._attempt(entry), name=f"webhook-{entry.notification_id}")
                 self._in_flight[entry.notification_id] = task
                 task.add_done_callback(lambda _, key=entry.notification_id: self._finished(key))
-            due = outbox.next_due()
+            # Attempts in flight are not waited for here: their end wakes this loop.
+            due = outbox.next_due(skip=set(self._in_flight))
             wait = _IDLE_RECHECK_SECONDS if due is None else max(0.0, min(_IDLE_RECHECK_SECONDS, due - self._clock()))
-            if self._in_flight and len(self._in_flight) >= self._concurrency:
+            if len(self._in_flight) >= self._concurrency:
                 wait = _IDLE_RECHECK_SECONDS  # full: the next slot frees on a finished attempt
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wakeup.wait(), timeout=wait)
@@ -123,5 +130,10 @@ class WebhookDispatcher:
         try:
             await self._pool.record_delivery(attempt)
         except Exception:
-            # Not recorded: the attempt is made again (at least once, same webhook-id).
-            log.exception("could not record a webhook attempt; it will be repeated")
+            # Not recorded: the attempt is made again (at least once, same webhook-id),
+            # after a pause held in this task so the loop does not pick it up at once.
+            log.warning(
+                "could not record a webhook attempt; it will be repeated",
+                extra={"context": {"notification_id": entry.notification_id}},
+            )
+            await asyncio.sleep(self._policy.delay(attempts, self._rng))

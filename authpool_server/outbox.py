@@ -10,6 +10,7 @@ for `Status` until the event retention prunes them.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Set
 from dataclasses import dataclass, replace
 
 from authpool_server.domain import DeliveryState, Notification, OutboxEntry
@@ -43,11 +44,18 @@ class Outbox:
     def __init__(self, *, enabled: bool) -> None:
         self.enabled = enabled
         self._entries: dict[str, OutboxEntry] = {}  # pending and dead
+        # New entries whose batch is not durable yet: never sent before their event is.
+        self._unsettled: set[str] = set()
         self._delivered = 0
 
     def restore(self, entries: list[OutboxEntry], delivered: int) -> None:
         self._entries = {entry.notification_id: entry for entry in entries}
+        self._unsettled.clear()
         self._delivered = delivered
+
+    def settle(self, notification_ids: Iterable[str]) -> None:
+        """These entries' batch is durable: they may be sent."""
+        self._unsettled.difference_update(notification_ids)
 
     def add(self, notification: Notification, now: float) -> OutboxEntry | None:
         """The new entry for `notification`, if it goes to the webhook."""
@@ -66,22 +74,27 @@ class Outbox:
             updated_at=now,
         )
         self._entries[entry.notification_id] = entry
+        self._unsettled.add(entry.notification_id)
         return entry
 
-    def due(self, now: float, limit: int, *, skip: set[str] | frozenset[str] = frozenset()) -> list[OutboxEntry]:
-        """Pending entries whose next attempt is due, oldest first."""
-        due = [
+    def _waiting(self, skip: Set[str]) -> list[OutboxEntry]:
+        return [
             e
             for e in self._entries.values()
-            if e.state is DeliveryState.PENDING and e.next_attempt_at <= now and e.notification_id not in skip
+            if e.state is DeliveryState.PENDING
+            and e.notification_id not in skip
+            and e.notification_id not in self._unsettled
         ]
+
+    def due(self, now: float, limit: int, *, skip: Set[str] = frozenset()) -> list[OutboxEntry]:
+        """Durable pending entries whose next attempt is due, oldest first; `skip`: those in flight."""
+        due = [e for e in self._waiting(skip) if e.next_attempt_at <= now]
         due.sort(key=lambda e: (e.next_attempt_at, e.event_sequence))
         return due[:limit]
 
-    def next_due(self) -> float | None:
-        """When the earliest pending entry is due, or None when nothing is pending."""
-        times = [e.next_attempt_at for e in self._entries.values() if e.state is DeliveryState.PENDING]
-        return min(times, default=None)
+    def next_due(self, *, skip: Set[str] = frozenset()) -> float | None:
+        """When the earliest durable pending entry not in `skip` is due; None when there is none."""
+        return min((e.next_attempt_at for e in self._waiting(skip)), default=None)
 
     def record(self, attempt: Attempt, now: float) -> OutboxEntry | None:
         """Apply an attempt's outcome; the updated entry to write, or None if it was not pending."""

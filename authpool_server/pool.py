@@ -287,7 +287,7 @@ class Pool:
                     provider_reset_at=record.provider_reset_at,
                 )
         self._statuses = {sid: self._status(sid, now) for sid in self._ledgers}
-        self._pool_exhausted = self._no_subscription_active()
+        self._pool_exhausted = self._no_subscription_active(now)
         self.outbox.restore(snapshot.outbox, snapshot.delivered_notifications)
         self.outbox_wakeup.set()  # deliveries pending before a restart resume at once
 
@@ -384,13 +384,17 @@ class Pool:
                 subscription_id=subscription_id,
                 attributes=(("from", str(old or "")), ("to", str(new))),
             )
-            exhausted = self._no_subscription_active()
+            exhausted = self._no_subscription_active(now)
             if exhausted and not self._pool_exhausted:
                 self._event(batch, now, EventType.POOL_EXHAUSTED, attributes=(("last", subscription_id),))
             self._pool_exhausted = exhausted
 
-    def _no_subscription_active(self) -> bool:
-        return bool(self._statuses) and SubscriptionStatus.ACTIVE not in self._statuses.values()
+    def _no_subscription_active(self, now: float) -> bool:
+        # Each status as of now, not as last noted: a cooldown that just ended
+        # (noticed by the reaper within seconds) must not make a false alarm.
+        return bool(self._ledgers) and all(
+            self._status(sid, now) is not SubscriptionStatus.ACTIVE for sid in self._ledgers
+        )
 
     def _advance(self, now: float, batch: WriteBatch) -> None:
         """Roll every budget window that `now` has left."""
@@ -476,7 +480,9 @@ class Pool:
 
     def _submit(self, batch: WriteBatch) -> asyncio.Future[None] | None:
         """Hand `batch` to the committer; what it writes stays unsettled until durable."""
-        if not (batch.leases or batch.ended or batch.usage or batch.events or batch.flags or batch.prune):
+        if not (
+            batch.leases or batch.ended or batch.usage or batch.events or batch.flags or batch.outbox or batch.prune
+        ):
             return None
         future = self._committer.submit(batch)
         ticket = self._committer.submitted
@@ -496,6 +502,7 @@ class Pool:
                     if "log" in notification.channels:
                         log_notification(notification)
         if batch.outbox:
+            self.outbox.settle(entry.notification_id for entry in batch.outbox)
             self.outbox_wakeup.set()
 
     async def _settled(self, key: str) -> None:

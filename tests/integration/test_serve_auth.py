@@ -68,3 +68,9 @@ def test_insecure_no_auth_is_refused_on_a_public_address(tmp_path: Path) -> None
     result = _serve(tmp_path, "--insecure-no-auth", "--listen", "0.0.0.0:0")
     assert result.returncode == 2
     assert "local development" in result.stderr
+
+
+def test_insecure_no_auth_is_refused_with_a_public_admin_port(tmp_path: Path) -> None:
+    result = _serve(tmp_path, "--insecure-no-auth", "--listen", "127.0.0.1:0", "--admin-listen", "0.0.0.0:0")
+    assert result.returncode == 2
+    assert "the admin port must be on 127.0.0.1" in result.stderr

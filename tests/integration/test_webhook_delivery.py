@@ -240,3 +240,39 @@ async def test_pending_deliveries_survive_sigkill(
         restarted.stop()
         await app.cleanup()
     assert SECRET_TEXT not in (tmp_path / "data" / "server.log").read_text()
+
+
+async def test_a_delivered_notification_is_not_sent_again_after_a_restart(
+    tmp_path: Path, receiver: Receiver, ca_file: Path
+) -> None:
+    spec = dataclasses.replace(make_spec(2, ttl=3_600), notification_rules=RULES, webhooks_enabled=True)
+
+    def new_server() -> Server:
+        return Server(
+            spec,
+            data_dir=tmp_path,
+            security=NO_AUTH,
+            listen="127.0.0.1:0",
+            background=False,
+            webhooks=webhook_settings(receiver.hook, ca_file),
+        )
+
+    server = new_server()
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = authpool_pb2_grpc.AuthPoolStub(channel)
+            await cross_the_threshold(stub)
+            await settled(stub, lambda state: state.delivered == 1)
+    finally:
+        await server.stop()
+    restarted = new_server()
+    await restarted.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{restarted.port}") as channel:
+            state = await webhook_state(authpool_pb2_grpc.AuthPoolStub(channel))
+        await asyncio.sleep(0.3)  # time enough for a wrongly pending entry to be sent again
+    finally:
+        await restarted.stop()
+    assert (state.pending, state.delivered) == (0, 1)
+    assert len(receiver.seen) == 1

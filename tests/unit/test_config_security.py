@@ -165,6 +165,10 @@ def test_tls_files_are_read_and_checked(tmp_path: Path, doc: dict[str, Any]) -> 
     del security["tls"]["clientCaFile"]
     problems = problems_of(tmp_path, with_security(doc, security))
     assert problems == ["security.tls: clientCaFile is required to verify client certificates"]
+    security["tls"].update(clientCaFile="ca.pem", requireClientCert=False)
+    assert problems_of(tmp_path, with_security(doc, security)) == [
+        "security.tls: clientCertificates need requireClientCert: true (gRPC cannot ask for an optional one)"
+    ]
 
 
 def test_rate_limits_for_unknown_principals_are_a_mistake(tmp_path: Path, doc: dict[str, Any]) -> None:

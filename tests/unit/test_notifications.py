@@ -104,7 +104,11 @@ def test_the_outbox_retries_delivers_and_dead_letters() -> None:
     assert entry is not None
     assert entry.state is DeliveryState.PENDING
     outbox.add(second, now=11.0)
+    assert outbox.due(11.0, 10) == []  # not before their batch is durable: their events might never be
+    assert outbox.next_due() is None
+    outbox.settle([first.id, second.id])
     assert [e.notification_id for e in outbox.due(11.0, 10)] == [first.id, second.id]
+    assert outbox.due(11.0, 10, skip={first.id}) == [outbox.due(11.0, 10)[1]]  # in flight: not again
 
     retry = outbox.record(Attempt(first.id, delivered=False, error="HTTP 500", retry_at=20.0), now=12.0)
     assert retry is not None
