@@ -67,26 +67,34 @@ class WebhookDispatcher:
         await self._sender.close()
 
     async def _run(self) -> None:
-        outbox, wakeup = self._pool.outbox, self._pool.outbox_wakeup
         while True:
-            wakeup.clear()
-            if not self._pool.ready:
-                # The store is away: attempts could not be recorded, so they would only repeat.
+            try:
+                await self._dispatch_once()
+            except Exception:  # the dispatcher must outlive any bug in one pass
+                log.exception("webhook dispatch failed; retrying in %.0f s", _NOT_READY_RECHECK_SECONDS)
                 await asyncio.sleep(_NOT_READY_RECHECK_SECONDS)
-                continue
-            in_flight = set(self._in_flight)
-            room = self._concurrency - len(in_flight)
-            for entry in outbox.due(self._clock(), room, skip=in_flight) if room > 0 else ():
-                task = asyncio.create_task(self._attempt(entry), name=f"webhook-{entry.notification_id}")
-                self._in_flight[entry.notification_id] = task
-                task.add_done_callback(lambda _, key=entry.notification_id: self._finished(key))
-            # Attempts in flight are not waited for here: their end wakes this loop.
-            due = outbox.next_due(skip=set(self._in_flight))
-            wait = _IDLE_RECHECK_SECONDS if due is None else max(0.0, min(_IDLE_RECHECK_SECONDS, due - self._clock()))
-            if len(self._in_flight) >= self._concurrency:
-                wait = _IDLE_RECHECK_SECONDS  # full: the next slot frees on a finished attempt
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wakeup.wait(), timeout=wait)
+
+    async def _dispatch_once(self) -> None:
+        """Start the attempts that are due, then wait for a wake-up or the next due time."""
+        outbox, wakeup = self._pool.outbox, self._pool.outbox_wakeup
+        wakeup.clear()
+        if not self._pool.ready:
+            # The store is away: attempts could not be recorded, so they would only repeat.
+            await asyncio.sleep(_NOT_READY_RECHECK_SECONDS)
+            return
+        in_flight = set(self._in_flight)
+        room = self._concurrency - len(in_flight)
+        for entry in outbox.due(self._clock(), room, skip=in_flight) if room > 0 else ():
+            task = asyncio.create_task(self._attempt(entry), name=f"webhook-{entry.notification_id}")
+            self._in_flight[entry.notification_id] = task
+            task.add_done_callback(lambda _, key=entry.notification_id: self._finished(key))
+        # Attempts in flight are not waited for here: their end wakes this loop.
+        due = outbox.next_due(skip=set(self._in_flight))
+        wait = _IDLE_RECHECK_SECONDS if due is None else max(0.0, min(_IDLE_RECHECK_SECONDS, due - self._clock()))
+        if len(self._in_flight) >= self._concurrency:
+            wait = _IDLE_RECHECK_SECONDS  # full: the next slot frees on a finished attempt
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(wakeup.wait(), timeout=wait)
 
     def _finished(self, notification_id: str) -> None:
         self._in_flight.pop(notification_id, None)
