@@ -258,6 +258,18 @@ def _wait_serving(target: str) -> None:
 # -- one run of a scenario -------------------------------------------------------------
 
 
+def _spawn(command: list[str], token: str) -> subprocess.Popen[str]:
+    """A client process of the benchmark, talking over stdin/stdout; the token in its environment, never argv."""
+    return subprocess.Popen(
+        command,
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "BENCH_TOKEN": token} if token else None,
+    )
+
+
 def _split(total: int, parts: int) -> list[int]:
     return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
 
@@ -276,15 +288,7 @@ def _run_scenario(
                 *("--sticky-fraction", str(args.sticky_fraction), "--prefix", f"r{os.getpid()}s{index}c{client}"),
                 *("--server-pid", str(server.pid), "--out", str(out)),
             ]
-            process = subprocess.Popen(
-                command,
-                cwd=ROOT,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                text=True,
-                env={**os.environ, "BENCH_TOKEN": token} if token else None,
-            )
-            processes.append((process, out))
+            processes.append((_spawn(command, token), out))
         for process, _ in processes:
             if _readline(process.stdout, _LOAD_READY_TIMEOUT).strip() != "ready":
                 raise RuntimeError(f"a {scenario} load process did not get ready:\n{server.stderr_tail()}")
@@ -315,14 +319,7 @@ def _watchers(
         *(sys.executable, "-m", "bench.watchers", "--target", server.target, "--watchers", str(WATCHERS)),
         *("--follow", follow, "--subscriptions", str(subscriptions), "--out", str(out)),
     ]
-    process = subprocess.Popen(
-        command,
-        cwd=ROOT,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "BENCH_TOKEN": token} if token else None,
-    )
+    process = _spawn(command, token)
     try:
         if _readline(process.stdout, _LOAD_READY_TIMEOUT).strip() != "ready":
             raise RuntimeError(f"the watchers did not get ready:\n{server.stderr_tail()}")

@@ -13,13 +13,14 @@ lets each replica catch up from the event log.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
-from authpool_server.domain import DeliveryState, EndedLease, Event, Lease, OutboxEntry, UsageRecord
+from authpool_server.domain import DeliveryState, EndedLease, Event, Lease, OutboxEntry, Severity, UsageRecord
 from authpool_server.ledger import SubscriptionFlags
 
-__all__ = ["PruneHorizon", "Snapshot", "Store", "WriteBatch", "undelivered"]
+__all__ = ["PruneHorizon", "Snapshot", "Store", "WriteBatch", "outbox_from_row", "outbox_row", "undelivered"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,3 +108,24 @@ class Store(Protocol):
 def undelivered(entries: list[OutboxEntry]) -> list[OutboxEntry]:
     """Pending notifications and dead letters: what a store loads back."""
     return [e for e in entries if e.state is not DeliveryState.DELIVERED]
+
+
+def outbox_row(entry: OutboxEntry) -> tuple[object, ...]:
+    """An outbox entry as the column values both SQL stores keep, in their column order."""
+    return (
+        entry.notification_id,
+        entry.event_sequence,
+        entry.rule,
+        entry.severity.value,
+        entry.body,
+        entry.state.value,
+        entry.attempts,
+        entry.next_attempt_at,
+        entry.last_error,
+        entry.updated_at,
+    )
+
+
+def outbox_from_row(row: Sequence[Any]) -> OutboxEntry:
+    """The inverse of `outbox_row`."""
+    return OutboxEntry(row[0], row[1], row[2], Severity(row[3]), row[4], DeliveryState(row[5]), *row[6:])

@@ -59,14 +59,12 @@ from authpool_server.domain import (
     Event,
     EventType,
     Lease,
-    OutboxEntry,
     Outcome,
-    Severity,
     UsageRecord,
 )
 from authpool_server.errors import StartupRefused, StoreUnavailable
 from authpool_server.ledger import SubscriptionFlags
-from authpool_server.store.base import Snapshot, WriteBatch
+from authpool_server.store.base import Snapshot, WriteBatch, outbox_from_row, outbox_row
 
 __all__ = ["Migration", "PostgresStore", "lock_key", "migrate", "migrations"]
 
@@ -461,25 +459,6 @@ _OUTBOX_UPDATES = ("state", "attempts", "next_attempt_at", "last_error", "update
 _FLAGS_COLUMNS = ("subscription_id", "draining", "resumed_at")
 
 
-def _outbox_row(e: OutboxEntry) -> tuple[object, ...]:
-    return (
-        e.notification_id,
-        e.event_sequence,
-        e.rule,
-        e.severity.value,
-        e.body,
-        e.state.value,
-        e.attempts,
-        e.next_attempt_at,
-        e.last_error,
-        e.updated_at,
-    )
-
-
-def _outbox_from_row(row: Sequence[Any]) -> OutboxEntry:
-    return OutboxEntry(row[0], row[1], row[2], Severity(row[3]), row[4], DeliveryState(row[5]), *row[6:])
-
-
 class _Statements:
     """Every statement the store runs, qualified with its schema once."""
 
@@ -656,9 +635,7 @@ class PostgresStore:
             token, last_sequence = await (await conn.execute(s.counters)).fetchone() or (0, 0)
             flags = [SubscriptionFlags(*r) for r in await (await conn.execute(s.flags)).fetchall()]
             delivered_state = (DeliveryState.DELIVERED.value,)
-            outbox = [
-                _outbox_from_row(r) for r in await (await conn.execute(s.undelivered, delivered_state)).fetchall()
-            ]
+            outbox = [outbox_from_row(r) for r in await (await conn.execute(s.undelivered, delivered_state)).fetchall()]
             delivered = (await (await conn.execute(s.delivered, delivered_state)).fetchone() or (0,))[0]
         return Snapshot(live, ended, usage, last_sequence, token, flags, outbox, delivered)
 
@@ -684,7 +661,7 @@ class PostgresStore:
                     s.upsert_flags, [(f.subscription_id, f.draining, f.resumed_at) for f in batch.flags]
                 )
             if batch.outbox:
-                await cur.executemany(s.upsert_outbox, [_outbox_row(e) for e in batch.outbox])
+                await cur.executemany(s.upsert_outbox, [outbox_row(e) for e in batch.outbox])
             if batch.events:
                 await cur.executemany(s.insert_event, [_event_row(e) for e in batch.events])
             if batch.prune is not None:

@@ -24,13 +24,11 @@ from authpool_server.domain import (
     Event,
     EventType,
     Lease,
-    OutboxEntry,
     Outcome,
-    Severity,
     UsageRecord,
 )
 from authpool_server.ledger import SubscriptionFlags
-from authpool_server.store.base import Snapshot, WriteBatch
+from authpool_server.store.base import Snapshot, WriteBatch, outbox_from_row, outbox_row
 
 __all__ = ["SQLiteStore"]
 
@@ -280,18 +278,7 @@ class SQLiteStore:
             for r in conn.execute("SELECT * FROM subscription_flags")
         ]
         outbox = [
-            OutboxEntry(
-                notification_id=r["notification_id"],
-                event_sequence=r["event_sequence"],
-                rule=r["rule"],
-                severity=Severity(r["severity"]),
-                body=r["body"],
-                state=DeliveryState(r["state"]),
-                attempts=r["attempts"],
-                next_attempt_at=r["next_attempt_at"],
-                last_error=r["last_error"],
-                updated_at=r["updated_at"],
-            )
+            outbox_from_row(tuple(r))
             for r in conn.execute("SELECT * FROM outbox WHERE state != ?", (DeliveryState.DELIVERED.value,))
         ]
         delivered = conn.execute(
@@ -372,21 +359,7 @@ class SQLiteStore:
             if batch.outbox:
                 conn.executemany(
                     _UPSERT_OUTBOX,
-                    [
-                        (
-                            e.notification_id,
-                            e.event_sequence,
-                            e.rule,
-                            e.severity.value,
-                            e.body,
-                            e.state.value,
-                            e.attempts,
-                            e.next_attempt_at,
-                            e.last_error,
-                            e.updated_at,
-                        )
-                        for e in batch.outbox
-                    ],
+                    [outbox_row(e) for e in batch.outbox],
                 )
             if batch.events:
                 conn.executemany(
