@@ -7,7 +7,9 @@ of one notification never overlap; up to `concurrency` notifications are in
 flight at once, so one slow endpoint does not hold the others back. Retries
 wait an exponential backoff with full jitter; after `max_attempts` the
 notification is dead-lettered (the pool records a WEBHOOK_FAILURE event and
-`Status` shows it).
+`Status` shows it). With replicas, only the one leading the background work
+delivers; a leader that loses the lead mid-attempt may overlap the next one
+for a moment, which at-least-once delivery (same `webhook-id`) allows.
 """
 
 from __future__ import annotations
@@ -81,6 +83,11 @@ class WebhookDispatcher:
         if not self._pool.ready:
             # The store is away: attempts could not be recorded, so they would only repeat.
             await asyncio.sleep(_NOT_READY_RECHECK_SECONDS)
+            return
+        if not self._pool.is_leader:
+            # Another replica delivers; becoming the leader sets the wake-up.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wakeup.wait(), timeout=_IDLE_RECHECK_SECONDS)
             return
         in_flight = set(self._in_flight)
         room = self._concurrency - len(in_flight)

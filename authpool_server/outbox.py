@@ -53,6 +53,15 @@ class Outbox:
         self._unsettled.clear()
         self._delivered = delivered
 
+    def adopt(self, entries: Iterable[OutboxEntry]) -> None:
+        """Take in entries another replica wrote (new ones, or attempts it recorded); they are durable."""
+        for entry in entries:
+            if entry.state is DeliveryState.DELIVERED:
+                if self._entries.pop(entry.notification_id, None) is not None or entry.attempts:
+                    self._delivered += 1
+            else:
+                self._entries[entry.notification_id] = entry
+
     def settle(self, notification_ids: Iterable[str]) -> None:
         """These entries' batch is durable: they may be sent."""
         self._unsettled.difference_update(notification_ids)

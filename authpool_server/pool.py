@@ -11,6 +11,13 @@ An answer that depends on an earlier, still-uncommitted change (a sticky
 Allocate of a lease granted a moment ago, a retried usage report) waits for
 that change to be durable first, so nothing is ever acknowledged that a crash
 could take back.
+
+On a store shared by several replicas (PostgreSQL) a decision must see what
+the other replicas committed, so it is taken later, under the store's pool
+lock, by the `LockedCommitter`, after this replica has caught up; the
+decision functions are the same. There, the background work (reaper,
+rebalancer, webhook delivery) runs on one replica at a time: the one the
+store says leads.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Protocol, TypeVar
 
@@ -53,9 +60,11 @@ from authpool_server.errors import (
 )
 from authpool_server.events import EventHub
 from authpool_server.ledger import SubscriptionFlags, SubscriptionLedger
+from authpool_server.locked_committer import LockedCommitter
 from authpool_server.notifications import Rules, log_notification
 from authpool_server.outbox import Attempt, Outbox, OutboxStatus
 from authpool_server.store.base import PruneHorizon, Snapshot, Store, WriteBatch
+from authpool_server.store.replication import CatchUp, Change, SharedStore
 
 __all__ = [
     "Allocation",
@@ -181,6 +190,12 @@ class Pool:
         self._new_id = new_id
         self.events = EventHub(store, watcher_capacity=spec.watcher_buffer)
         self._committer = Committer(store, on_durable=self._durable, on_failure=self._reload)
+        # Replicas sharing the store decide under its lock, and take turns at the background work.
+        self._shared = store if isinstance(store, SharedStore) else None
+        self._locked = LockedCommitter(self._shared, self) if self._shared is not None else None
+        self._follower: asyncio.Task[None] | None = None
+        self.version = 0  # the newest write of a shared store that memory includes
+        self.is_leader = self._shared is None
         self._leases: dict[str, Lease] = {}
         self._lease_of_client: dict[str, str] = {}
         self._ended: dict[str, EndedLease] = {}
@@ -212,7 +227,13 @@ class Pool:
         """Open the store, rebuild state from it and start committing."""
         snapshot = await self._store.open()
         self._rebuild(snapshot, await self._last_change_at(snapshot))
-        self._committer.start()
+        if self._locked is not None and self._shared is not None:
+            self._locked.start()
+            self._follower = asyncio.create_task(
+                self._shared.follow(self._locked.changed, self._lead), name="authpool-follower"
+            )
+        else:
+            self._committer.start()
         if background:
             self._reaper = asyncio.create_task(self._reap_forever(), name="authpool-reaper")
         self._healthy = True
@@ -220,12 +241,26 @@ class Pool:
     async def close(self) -> None:
         """Stop background work and make everything acknowledged durable."""
         self._healthy = False
-        if self._reaper is not None:
-            self._reaper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reaper
-        await self._committer.close()
+        for task in (self._reaper, self._follower):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self._locked is not None:
+            await self._locked.close()
+        else:
+            await self._committer.close()
         await self._store.close()
+
+    def _lead(self, leading: bool) -> None:
+        """The shared store says whether this replica runs the background work now."""
+        self.is_leader = leading
+        self.outbox_wakeup.set()  # the webhook dispatcher starts or stops at once
+
+    @property
+    def sequence(self) -> int:
+        """The newest event this replica has applied, its own and others'."""
+        return self._sequence
 
     @property
     def ready(self) -> bool:
@@ -273,6 +308,7 @@ class Pool:
         self._request_ids = {record.request_id: record.subscription_id for record in snapshot.usage}
         self._sequence = snapshot.last_sequence
         self._token = snapshot.fencing_token
+        self.version = snapshot.version
         self.events.last_sequence = snapshot.last_sequence
         self._fallback_usage = 0
         for record in self._usage_log:
@@ -290,6 +326,10 @@ class Pool:
         self._pool_exhausted = self._no_subscription_active(now)
         self.outbox.restore(snapshot.outbox, snapshot.delivered_notifications)
         self.outbox_wakeup.set()  # deliveries pending before a restart resume at once
+
+    def reload(self) -> Awaitable[None]:
+        """Rebuild memory from the store (the locked committer's way in)."""
+        return self._reload()
 
     async def _reload(self) -> None:
         # A failed write leaves memory ahead of the disk: refuse calls until
@@ -522,6 +562,8 @@ class Pool:
         disagree and no sequence number is skipped.
         """
         self._check_ready()
+        if self._locked is not None:
+            return await self._locked.submit(lambda batch: self._decide(decide, batch))
         now = self._clock()
         batch = WriteBatch()
         self._advance(now, batch)
@@ -536,6 +578,63 @@ class Pool:
         if future is not None:
             await future
         return result
+
+    def _decide(self, decide: Callable[[float, WriteBatch], _Result], batch: WriteBatch) -> _Result:
+        """One decision of a locked cycle, on a state that includes every replica's writes."""
+        now = self._clock()
+        self._advance(now, batch)
+        return decide(now, batch)
+
+    # -- replication (a store shared by replicas) ------------------------------
+
+    def catch_up(self, seen: CatchUp) -> None:
+        """Apply what other replicas committed, then hand their events to this replica's watchers."""
+        for change in seen.changes:
+            self._apply_change(change)
+        for event in seen.events:
+            # Their status changes were noted there: noting them again here would repeat the events.
+            if event.type is EventType.SUBSCRIPTION_STATUS_CHANGED and event.subscription_id in self._ledgers:
+                self._statuses[event.subscription_id] = SubscriptionStatus(dict(event.attributes)["to"])
+            elif event.type is EventType.POOL_EXHAUSTED:
+                self._pool_exhausted = True
+        self._sequence = max(self._sequence, seen.last_sequence)
+        self._token = max(self._token, seen.fencing_token)
+        self.version = seen.version
+        self.events.publish(seen.events)
+        if any(change.outbox for change in seen.changes):
+            self.outbox_wakeup.set()
+
+    def _apply_change(self, change: Change) -> None:
+        for lease in change.leases:
+            old = self._leases.get(lease.lease_id)
+            if old is not None and not old.fallback:
+                self._add_clients(old.subscription_id, -1)
+            if not lease.fallback:
+                self._add_clients(lease.subscription_id, 1)
+            self._leases[lease.lease_id] = lease
+            self._lease_of_client[lease.client_id] = lease.lease_id
+        for ended in change.ended:
+            old = self._leases.pop(ended.lease.lease_id, None)
+            if old is not None:
+                if self._lease_of_client.get(old.client_id) == old.lease_id:
+                    del self._lease_of_client[old.client_id]
+                if not old.fallback:
+                    self._add_clients(old.subscription_id, -1)
+            self._ended[ended.lease.lease_id] = ended
+        for record in change.usage:
+            if record.request_id not in self._request_ids:
+                self._count_usage(record)
+        for flags in change.flags:
+            if flags.subscription_id in self._ledgers:
+                self._ledgers[flags.subscription_id].set_flags(flags)
+        self.outbox.adopt(change.outbox)
+        if change.prune is not None:
+            self._forget(change.prune)
+
+    def committed(self, batch: WriteBatch, version: int) -> None:
+        """The locked committer wrote this replica's `batch` as `version`."""
+        self.version = version
+        self._durable(batch, 0)
 
     # -- operations ----------------------------------------------------------
 
@@ -672,7 +771,8 @@ class Pool:
     async def report_usage(self, report: UsageReport) -> UsageAck:
         """Record one provider request's cost, once per request id."""
         charged = self._request_ids.get(report.request_id)
-        if charged is not None:
+        # With replicas the first report may be on another one: ask under the lock.
+        if charged is not None and self._locked is None:
             self._check_ready()
             # The first report may still be on its way to disk.
             await self._settled(_usage_key(report.request_id))
@@ -680,6 +780,9 @@ class Pool:
         return await self._apply(lambda now, batch: self._report_usage(report, now, batch))
 
     def _report_usage(self, report: UsageReport, now: float, batch: WriteBatch) -> UsageAck:
+        charged = self._request_ids.get(report.request_id)
+        if charged is not None:
+            return UsageAck(duplicate=True, subscription_id=charged)
         lease = self._live_lease(report.lease_id, now, batch)
         if lease is None:
             ended = self._ended.get(report.lease_id)
@@ -708,21 +811,11 @@ class Pool:
             provider_remaining_ppm=report.provider_remaining_ppm,
             provider_reset_at=report.provider_reset_at,
         )
-        self._request_ids[report.request_id] = subscription_id
-        self._usage_log.append(record)
         batch.usage.append(record)
-        if fallback:
-            self._fallback_usage += record.cost_micros
-        elif subscription_id in self._ledgers:
-            ledger = self._ledgers[subscription_id]
-            before = ledger.window_spend
-            ledger.record(
-                now,
-                record.cost_micros,
-                record.outcome,
-                provider_remaining_ppm=record.provider_remaining_ppm,
-                provider_reset_at=record.provider_reset_at,
-            )
+        ledger = self._ledgers.get(subscription_id) if not fallback else None
+        before = ledger.window_spend if ledger is not None else 0
+        self._count_usage(record)
+        if ledger is not None:
             self._note_thresholds(ledger, before, now, batch)
         if lease.lease_id in self._leases:
             self._store_lease(replace(lease, last_used_at=now), batch)
@@ -743,6 +836,21 @@ class Pool:
         if not fallback:
             self._note_status(subscription_id, batch, now)
         return UsageAck(duplicate=False, subscription_id=subscription_id)
+
+    def _count_usage(self, record: UsageRecord) -> None:
+        """Take a usage record into memory: the log, the request ids, and its subscription's ledger."""
+        self._request_ids[record.request_id] = record.subscription_id
+        self._usage_log.append(record)
+        if record.fallback:
+            self._fallback_usage += record.cost_micros
+        elif record.subscription_id in self._ledgers:
+            self._ledgers[record.subscription_id].record(
+                record.at,
+                record.cost_micros,
+                record.outcome,
+                provider_remaining_ppm=record.provider_remaining_ppm,
+                provider_reset_at=record.provider_reset_at,
+            )
 
     def observe(self, observer: PoolObserver) -> None:
         self._observers.append(observer)
@@ -914,27 +1022,31 @@ class Pool:
         usage_before = min(
             now - self.spec.usage_retention_seconds, *(ledger.window[0] for ledger in self._ledgers.values())
         )
-        while self._usage_log and self._usage_log[0].at < usage_before:
+        batch.prune = PruneHorizon(
+            usage_before=usage_before,
+            ended_leases_before=now - self.spec.ended_lease_retention_seconds,
+            events_before=now - self.spec.event_retention_seconds,
+        )
+        self._forget(batch.prune)
+
+    def _forget(self, horizon: PruneHorizon) -> None:
+        """Drop from memory what `horizon` prunes (other replicas do it when they apply the write)."""
+        while self._usage_log and self._usage_log[0].at < horizon.usage_before:
             record = self._usage_log.popleft()
             self._request_ids.pop(record.request_id, None)
             if record.fallback:
                 self._fallback_usage -= record.cost_micros
-        ended_before = now - self.spec.ended_lease_retention_seconds
-        for lease_id in [lid for lid, ended in self._ended.items() if ended.ended_at < ended_before]:
+        for lease_id in [lid for lid, ended in self._ended.items() if ended.ended_at < horizon.ended_leases_before]:
             del self._ended[lease_id]
-        events_before = now - self.spec.event_retention_seconds
-        self.outbox.prune(events_before)
-        batch.prune = PruneHorizon(
-            usage_before=usage_before,
-            ended_leases_before=ended_before,
-            events_before=events_before,
-        )
+        self.outbox.prune(horizon.events_before)
 
     async def _reap_forever(self) -> None:
         interval = max(0.05, min(5.0, self.spec.lease_ttl_seconds / 4))
         next_rebalance = self._clock() + self.spec.rebalancing.interval_seconds
         while True:
             await asyncio.sleep(interval)
+            if not self.is_leader:
+                continue  # another replica does it
             try:
                 await self.reap()
                 if self.spec.rebalancing.enabled and self._clock() >= next_rebalance:
@@ -982,7 +1094,7 @@ class Pool:
             "usage_records": len(self._usage_log),
             "usage_request_ids": len(self._request_ids),
             "unsettled_writes": len(self._unsettled),
-            "commit_queue_depth": self._committer.queue_depth,
+            "commit_queue_depth": (self._locked or self._committer).queue_depth,
             "watcher_backlogs": self.events.watcher_backlogs(),
         }
 

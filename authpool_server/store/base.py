@@ -6,9 +6,9 @@ The pool is the only writer. It decides in memory, then hands the store a
 the order they were written, so event sequence numbers are committed in
 order. At start the pool rebuilds its state from `open()`'s `Snapshot`.
 
-A store for several replicas (PostgreSQL) implements the same contract; it
-additionally serialises decisions across replicas with a lock on the pool and
-lets each replica catch up from the event log.
+A store for several replicas (PostgreSQL) implements the same contract and
+`replication.SharedStore`: decisions are taken under a lock on the pool, and
+each replica catches up on the others' writes from the change and event logs.
 """
 
 from __future__ import annotations
@@ -73,6 +73,8 @@ class Snapshot:
     outbox: list[OutboxEntry] = field(default_factory=list)
     # How many were delivered within the retention (only counted, not loaded).
     delivered_notifications: int = 0
+    # Writes committed so far (a shared store's position in its change log; 0 elsewhere).
+    version: int = 0
 
 
 class Store(Protocol):

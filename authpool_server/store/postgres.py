@@ -1,11 +1,17 @@
-"""The PostgreSQL store: the same contract as the embedded SQLite store, on a server.
+"""The PostgreSQL store: the same contract as the embedded SQLite store, on a server, for several replicas.
 
-Each `write` is one transaction, sent in pipeline mode: it first updates the
-pool row (`pool_state`: the counters and the single-writer guard), then
-upserts the batch, then commits. `write` returns once PostgreSQL has
-committed, which with the default `synchronous_commit = on` means the WAL is
-flushed. The pool's group commit merges whatever decisions queue up meanwhile
-into the next batch, as it does for SQLite.
+Each write is one transaction in pipeline mode, in two round trips. The
+first locks the pool row (`pool_state ... FOR UPDATE`: decisions of all
+replicas are serialised here) and reads what other replicas committed since
+this one's last write: their change records and events (see
+`replication.py`). The pool applies them, decides, and hands back the batch;
+the second round trip writes it with its change record, advances the pool
+row (version, fencing token, last sequence: assigned under the lock, so
+gapless and in commit order), notifies the other replicas (`NOTIFY`,
+delivered at commit) and commits. It returns once PostgreSQL has committed,
+which with the default `synchronous_commit = on` means the WAL is flushed.
+The pool's group commit merges the decisions that queue up meanwhile into
+the next write, one lock for many decisions.
 
 The schema lives in its own PostgreSQL schema (`authpool` unless told
 otherwise) and is created and upgraded by the numbered SQL files in
@@ -14,12 +20,12 @@ otherwise) and is created and upgraded by the numbered SQL files in
 their checksums in `schema_migrations`. `open()` migrates; so does
 `migrate()`, for `authpool db migrate`.
 
-For now one server process writes a schema: `open()` takes the writer role
-by bumping `pool_state.writer_epoch`, and a write from an earlier opener is
-refused, so a second process started by mistake (or the new pod of a rolling
-update) fences the old one out instead of interleaving with it. Several
-replicas will instead take a row lock on `pool_state` per decision; see
-docs/postgres.md.
+`follow()` runs each replica's one dedicated connection: it LISTENs for
+other replicas' commits (so the pool catches up, and its watchers see every
+replica's events, within milliseconds) and holds a session advisory lock
+while this replica leads the background work (reaper, rebalancer, webhook
+delivery); when the leader's connection dies, PostgreSQL releases the lock
+and another replica takes it at its next poll. See docs/postgres.md.
 
 Failures: every call gets a connection within `connect_timeout` and runs
 within `command_timeout` (when that passes, the connection's socket is shut
@@ -36,12 +42,14 @@ import asyncio
 import contextlib
 import hashlib
 import importlib.resources
+import logging
 import math
 import os
 import re
 import socket
+import time
 import weakref
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from time import monotonic
@@ -65,8 +73,11 @@ from authpool_server.domain import (
 from authpool_server.errors import StartupRefused, StoreUnavailable
 from authpool_server.ledger import SubscriptionFlags
 from authpool_server.store.base import Snapshot, WriteBatch, outbox_from_row, outbox_row
+from authpool_server.store.replication import CatchUp, ReplicaBehind, decode_change, encode_change
 
 __all__ = ["Migration", "PostgresStore", "lock_key", "migrate", "migrations"]
+
+log = logging.getLogger(__name__)
 
 Connection = psycopg.AsyncConnection[Any]
 
@@ -80,6 +91,14 @@ _TRUST_RECENT_SECONDS = 1.0
 # "starting up" (57P03), serialization and deadlock failures (class 40), and
 # a read-only transaction (25006: we reached a standby after a failover).
 _UNAVAILABLE = (psycopg.OperationalError, psycopg.InterfaceError, psycopg.errors.ReadOnlySqlTransaction)
+# Change records are kept this long (a replica further behind reloads
+# everything), and pruned by whichever replica writes at most this often.
+CHANGE_RETENTION_SECONDS = 120.0
+_CHANGE_PRUNE_EVERY_SECONDS = 5.0
+# How often a replica that does not lead tries to take the lead, and the
+# leader proves its session (and so its lock) is still alive; a missed
+# notification is caught up within the same interval.
+FOLLOW_POLL_SECONDS = 1.0
 
 
 # -- migrations ---------------------------------------------------------------------
@@ -477,13 +496,20 @@ class _Statements:
                 .as_bytes()
             )
 
-        self.claim_writer = q("UPDATE {s}.pool_state SET writer_epoch = writer_epoch + 1 RETURNING writer_epoch")
-        # First in every write: the counters never go back, and the write is
-        # refused (no row returned) once another server has opened the store.
-        self.advance = q(
-            "UPDATE {s}.pool_state SET fencing_token = GREATEST(fencing_token, %s),"
-            " last_sequence = GREATEST(last_sequence, %s) WHERE writer_epoch = %s RETURNING writer_epoch"
+        # First in every write: every replica's decisions queue up here.
+        self.lock = q("SELECT version, fencing_token, last_sequence FROM {s}.pool_state FOR UPDATE")
+        self.head = q("SELECT version, fencing_token, last_sequence FROM {s}.pool_state")
+        self.changes_after = q("SELECT version, body FROM {s}.changes WHERE version > %s ORDER BY version")
+        self.events_all_after = q(
+            "SELECT {columns} FROM {s}.events WHERE sequence > %s ORDER BY sequence", _EVENT_COLUMNS
         )
+        # Last in every write; the counters never go back.
+        self.advance = q(
+            "UPDATE {s}.pool_state SET version = %s, fencing_token = GREATEST(fencing_token, %s),"
+            " last_sequence = GREATEST(last_sequence, %s)"
+        )
+        self.insert_change = q("INSERT INTO {s}.changes (version, at, body) VALUES (%s, %s, %s)")
+        self.prune_changes = q("DELETE FROM {s}.changes WHERE at < %s")
         self.upsert_lease = q(
             "INSERT INTO {s}.leases ({columns}) VALUES ({values}) ON CONFLICT (lease_id) DO UPDATE SET {updates}",
             _LEASE_COLUMNS,
@@ -522,8 +548,8 @@ class _Statements:
         )
         self.usage = q("SELECT {columns} FROM {s}.usage ORDER BY at, request_id", _USAGE_COLUMNS)
         self.counters = q(
-            "SELECT fencing_token, GREATEST(last_sequence, (SELECT COALESCE(MAX(sequence), 0) FROM {s}.events))"
-            " FROM {s}.pool_state"
+            "SELECT fencing_token, GREATEST(last_sequence, (SELECT COALESCE(MAX(sequence), 0) FROM {s}.events)),"
+            " version FROM {s}.pool_state"
         )
         self.flags = q("SELECT {columns} FROM {s}.subscription_flags ORDER BY subscription_id", _FLAGS_COLUMNS)
         self.undelivered = q(
@@ -576,7 +602,10 @@ class PostgresStore:
         self._command_timeout = command_timeout or connect_timeout
         self._sql = _Statements(schema)
         self._pool: AsyncConnectionPool[Connection] | None = None
-        self._epoch = 0
+        # NOTIFY channels are identifiers (at most 63 bytes): a long schema's
+        # name is cut, and a shared prefix only costs a spurious wake-up.
+        self.channel = f"authpool_{schema}"[:63]
+        self._changes_pruned_at = 0.0
         self._used_at: weakref.WeakKeyDictionary[Connection, float] = weakref.WeakKeyDictionary()
 
     def __repr__(self) -> str:
@@ -589,8 +618,6 @@ class PostgresStore:
             raise RuntimeError("the PostgreSQL store is already open")
         async with self._target.guard("open"), await self._target.connect(self._connect_timeout) as conn:
             await _migrate(conn, self.schema)
-            cur = await conn.execute(self._sql.claim_writer)
-            self._epoch = (await cur.fetchone() or (0,))[0]
         pool: AsyncConnectionPool[Connection] = AsyncConnectionPool(
             self._target.dsn,
             kwargs=self._target.kwargs(self._connect_timeout),
@@ -632,24 +659,107 @@ class PostgresStore:
                 EndedLease(_lease_from_row(r), r[13]) for r in await (await conn.execute(s.ended_leases)).fetchall()
             ]
             usage = [_usage_from_row(r) for r in await (await conn.execute(s.usage)).fetchall()]
-            token, last_sequence = await (await conn.execute(s.counters)).fetchone() or (0, 0)
+            token, last_sequence, version = await (await conn.execute(s.counters)).fetchone() or (0, 0, 0)
             flags = [SubscriptionFlags(*r) for r in await (await conn.execute(s.flags)).fetchall()]
             delivered_state = (DeliveryState.DELIVERED.value,)
             outbox = [outbox_from_row(r) for r in await (await conn.execute(s.undelivered, delivered_state)).fetchall()]
             delivered = (await (await conn.execute(s.delivered, delivered_state)).fetchone() or (0,))[0]
-        return Snapshot(live, ended, usage, last_sequence, token, flags, outbox, delivered)
+        return Snapshot(live, ended, usage, last_sequence, token, flags, outbox, delivered, version)
 
     async def write(self, batch: WriteBatch) -> None:
-        s = self._sql
-        last_sequence = batch.events[-1].sequence if batch.events else 0
-        async with self._connection("write") as conn, conn.pipeline(), conn.transaction():
-            cur = conn.cursor()
-            await cur.execute(s.advance, (batch.fencing_token, last_sequence, self._epoch))
-            if await cur.fetchone() is None:  # rolls the transaction back
-                raise StoreUnavailable(
-                    f"write: another AuthPool server opened PostgreSQL schema {self.schema!r} after this one; "
-                    "one server per schema writes (until replicas are supported), so this one no longer may"
+        """Write a batch decided without looking at other replicas' writes (the plain store contract)."""
+        await self._locked(lambda _: batch, catch_up=None)
+
+    async def exchange(self, version: int, sequence: int, decide: Callable[[CatchUp], WriteBatch]) -> int:
+        return await self._locked(decide, catch_up=(version, sequence))
+
+    async def catch_up(self, version: int, sequence: int) -> CatchUp:
+        async with self._connection("catch_up") as conn, conn.pipeline(), conn.transaction():
+            # One snapshot: the records and events agree with the pool row read.
+            await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            return await self._read_since(conn, self._sql.head, version, sequence)
+
+    async def follow(self, on_change: Callable[[int], None], on_leadership: Callable[[bool], None]) -> None:
+        """This replica's link to the others, until cancelled; see the module's docstring.
+
+        `on_change(version)` is called for every commit another replica (or
+        this one) makes, and once per poll with the newest version known, so
+        a notification lost with a connection costs one poll at most.
+        `on_leadership(True)` once this replica holds the background-work
+        lock, `on_leadership(False)` as soon as it may no longer hold it.
+        """
+        key = lock_key("leader", self.schema)
+        leading = False
+        while True:
+            try:
+                async with await self._target.connect(self._connect_timeout) as conn:
+                    await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
+                    while True:
+                        async with asyncio.timeout(self._command_timeout):
+                            if leading:
+                                cur = await conn.execute(self._sql.head)  # proves the session, so the lock, lives
+                            else:
+                                cur = await conn.execute("SELECT pg_try_advisory_lock(%s)", (key,))
+                                leading = bool((await cur.fetchone() or (False,))[0])
+                                if leading:
+                                    log.info("this replica now runs the background work")
+                                    on_leadership(True)
+                                cur = await conn.execute(self._sql.head)
+                            row = await cur.fetchone()
+                        if row is not None:
+                            on_change(int(row[0]))
+                        async for notice in conn.notifies(timeout=FOLLOW_POLL_SECONDS):
+                            on_change(int(notice.payload))
+            except Exception as error:
+                # The session is gone, and with it the lock: stop leading at once.
+                if leading:
+                    leading = False
+                    on_leadership(False)
+                log.warning(
+                    "lost the PostgreSQL connection that follows other replicas; reconnecting",
+                    extra={"context": {"error": self._target.scrub(error)}},
                 )
+                await asyncio.sleep(FOLLOW_POLL_SECONDS)
+
+    async def _read_since(self, conn: Connection, head_query: bytes, version: int, sequence: int) -> CatchUp:
+        """The pool row (read with `head_query`) and what was committed after `version` and `sequence`."""
+        s = self._sql
+        head = await conn.execute(head_query)
+        changes = await conn.execute(s.changes_after, (version,))
+        events = await conn.execute(s.events_all_after, (sequence,))
+        current, token, last_sequence = await head.fetchone() or (0, 0, 0)
+        records = [decode_change(v, body) for v, body in await changes.fetchall()]
+        # Versions are assigned under the lock, one per commit: a gap means pruned records.
+        if [c.version for c in records] != list(range(version + 1, current + 1)):
+            raise ReplicaBehind(
+                f"this replica is at version {version}, the store at {current}, and the change records between "
+                "are not all there"
+            )
+        return CatchUp(current, token, last_sequence, records, [_event_from_row(r) for r in await events.fetchall()])
+
+    async def _locked(self, decide: Callable[[CatchUp], WriteBatch], *, catch_up: tuple[int, int] | None) -> int:
+        """One write under the pool lock, and the version it made current.
+
+        With `catch_up` (version, sequence), `decide` sees what the others
+        committed after them.
+        """
+        s = self._sql
+        async with self._connection("write") as conn, conn.pipeline(), conn.transaction():
+            if catch_up is None:
+                cur = await conn.execute(s.lock)
+                current, token, last_sequence = await cur.fetchone() or (0, 0, 0)
+                seen = CatchUp(current, token, last_sequence, [], [])
+            else:
+                seen = await self._read_since(conn, s.lock, *catch_up)
+            batch = decide(seen)
+            if not (
+                batch.leases or batch.ended or batch.usage or batch.events or batch.flags or batch.outbox or batch.prune
+            ):
+                return seen.version  # nothing to write: the commit just lets go of the lock
+            version = seen.version + 1
+            now = time.time()
+            last_sequence = batch.events[-1].sequence if batch.events else 0
+            cur = conn.cursor()
             if batch.leases:
                 await cur.executemany(s.upsert_lease, [_lease_row(lease) for lease in batch.leases])
             if batch.ended:
@@ -671,6 +781,14 @@ class PostgresStore:
                 await cur.execute(leases, (horizon.ended_leases_before,))
                 await cur.execute(events, (horizon.events_before,))
                 await cur.execute(outbox, (DeliveryState.PENDING.value, horizon.events_before))
+            await cur.execute(s.insert_change, (version, now, encode_change(batch)))
+            if now - self._changes_pruned_at >= _CHANGE_PRUNE_EVERY_SECONDS:
+                self._changes_pruned_at = now
+                await cur.execute(s.prune_changes, (now - CHANGE_RETENTION_SECONDS,))
+            await cur.execute(s.advance, (version, batch.fencing_token, last_sequence))
+            # Delivered at commit, in commit order; the payload is the version now committed.
+            await cur.execute("SELECT pg_notify(%s, %s)", (self.channel, str(version)))
+        return version
 
     async def events_after(self, sequence: int, limit: int) -> list[Event]:
         async with self._connection("events_after") as conn:

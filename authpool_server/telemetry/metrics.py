@@ -32,7 +32,10 @@ budget), `authpool_subscription_projected_usage` (at window end),
 and `authpool_watchers` (open WatchEvents streams). Webhook deliveries:
 `authpool_webhook_attempts_total` by `result` (delivered, retry, dead),
 `authpool_webhook_pending` and `authpool_webhook_dead_lettered` (the guide's
-"webhook delivery failures" alert). CPU is the Python process collector's
+"webhook delivery failures" alert). With replicas on PostgreSQL,
+`authpool_replica_leader` is 1 on the one replica running the background
+work (reaper, rebalancer, webhook delivery) and 0 on the others; a lone
+server always leads. CPU is the Python process collector's
 `process_cpu_seconds_total`.
 
 Money is in currency units (the config's), as floats: for dashboards, not
@@ -223,6 +226,11 @@ class Metrics:
         meter.create_observable_gauge(
             "authpool.process.memory", unit="By", callbacks=[self._memory], description="Resident set size"
         )
+        meter.create_observable_gauge(
+            "authpool.replica.leader",
+            callbacks=[self._leader],
+            description="1 while this replica runs the background work (reaper, rebalancer, webhooks), else 0",
+        )
 
     def _views(self) -> Sequence[SubscriptionView]:
         return self._snapshot.status.subscriptions if self._snapshot is not None else ()
@@ -284,6 +292,9 @@ class Metrics:
     def _live_leases(self, _: CallbackOptions) -> Iterable[Observation]:
         snapshot = self._snapshot
         return [Observation(snapshot.live_leases)] if snapshot is not None else []
+
+    def _leader(self, _: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(int(self._pool.is_leader))]
 
     def _watchers(self, _: CallbackOptions) -> Iterable[Observation]:
         snapshot = self._snapshot

@@ -3,8 +3,9 @@
 Everything goes through the public `Store` methods. The contract tests run
 against each store; the PostgreSQL tests after them are about what only a
 server can do: migrations raced by several tasks and processes, a database
-that cannot be reached or stops answering, a DSN's password, a second
-server opening the same schema. Each PostgreSQL test has a schema of its own,
+that cannot be reached or stops answering, a DSN's password, and what
+replicas sharing a schema rely on (the pool lock, the change log, the
+background-work lock). Each PostgreSQL test has a schema of its own,
 dropped afterwards. (They skip when no server is reachable, unless `CI` is
 set: see `postgres_dsn` in conftest.py.)
 """
@@ -42,6 +43,7 @@ from authpool_server.ledger import SubscriptionFlags
 from authpool_server.store.base import PruneHorizon, Snapshot, Store, WriteBatch
 from authpool_server.store.memory import MemoryStore
 from authpool_server.store.postgres import PostgresStore, lock_key, migrate, migrations
+from authpool_server.store.replication import CatchUp, ReplicaBehind
 from authpool_server.store.sqlite import SQLiteStore
 from tests.conftest import secret
 
@@ -240,6 +242,7 @@ async def test_every_field_of_a_batch_comes_back_and_survives_a_restart(backend:
         flags=flags,
         outbox=outbox[:2],  # the delivered one is only counted
         delivered_notifications=1,
+        version=1 if backend.name == "postgres" else 0,  # writes committed: a shared store counts them
     )
     assert normal(await store.load()) == expected
     assert await store.events_after(0, 10) == events
@@ -506,24 +509,142 @@ async def test_a_migration_edited_after_it_was_applied_is_refused(postgres_dsn: 
         await migrate(postgres_dsn, pg_schema)
 
 
-# -- PostgreSQL: one writer ----------------------------------------------------------
+# -- PostgreSQL: replicas sharing a schema -------------------------------------------
 
 
-async def test_a_second_server_on_the_schema_fences_the_first_out(postgres_dsn: str, pg_schema: str) -> None:
-    first = PostgresStore(postgres_dsn, schema=pg_schema)
-    second = PostgresStore(postgres_dsn, schema=pg_schema)
-    await first.open()
+def appended(seen: CatchUp, *types: EventType, **rows: Any) -> WriteBatch:
+    """A decision on what `seen` says: events numbered on from the pool row's sequence, as the pool does."""
+    events = [event(seen.last_sequence + i, type=t) for i, t in enumerate(types, start=1)]
+    return WriteBatch(events=events, fencing_token=seen.fencing_token + 1, **rows)
+
+
+async def test_each_replica_catches_up_on_the_others_writes(postgres_dsn: str, pg_schema: str) -> None:
+    a = PostgresStore(postgres_dsn, schema=pg_schema)
+    b = PostgresStore(postgres_dsn, schema=pg_schema)
+    await a.open()
+    await b.open()
     try:
-        await first.write(WriteBatch(events=[event(1)], fencing_token=1))
-        assert (await second.open()).last_sequence == 1
-        with pytest.raises(StoreUnavailable, match="another AuthPool server opened"):
-            await first.write(WriteBatch(leases=[lease(2)], events=[event(2)], fencing_token=2))
-        await second.write(WriteBatch(events=[event(2)], fencing_token=2))
-        snapshot = await second.load()
-        assert (snapshot.live_leases, snapshot.last_sequence) == ([], 2)  # nothing of the refused write
+        granted = lease(1)
+        version = await a.exchange(0, 0, lambda seen: appended(seen, EventType.LEASE_GRANTED, leases=[granted]))
+        assert version == 1
+        seen_by_b: list[CatchUp] = []
+
+        def decide_on_b(seen: CatchUp) -> WriteBatch:
+            seen_by_b.append(seen)
+            return appended(seen, EventType.LEASE_RELEASED, ended=[EndedLease(granted, T0 + 9)])
+
+        assert await b.exchange(0, 0, decide_on_b) == 2
+        (seen,) = seen_by_b
+        # B decided on A's write: its rows, its events, and the counters after it.
+        assert (seen.version, seen.last_sequence, seen.fencing_token) == (1, 1, 1)
+        assert [c.leases for c in seen.changes] == [[granted]]
+        assert [e.type for e in seen.events] == [EventType.LEASE_GRANTED]
+        # And A, between its own writes, catches up on B's without the lock.
+        later = await a.catch_up(1, 1)
+        assert (later.version, [c.ended for c in later.changes]) == (2, [[EndedLease(granted, T0 + 9)]])
+        assert [e.sequence for e in later.events] == [2]
+        assert (await a.load()).version == 2
     finally:
-        await first.close()
-        await second.close()
+        await a.close()
+        await b.close()
+
+
+async def test_decisions_of_racing_replicas_are_serialised_and_gapless(postgres_dsn: str, pg_schema: str) -> None:
+    stores = [PostgresStore(postgres_dsn, schema=pg_schema, pool_max=2) for _ in range(3)]
+    for store in stores:
+        await store.open()
+    try:
+        # Each replica knows only its own writes; the lock makes each decision see all of them.
+        known = dict.fromkeys(range(3), (0, 0))
+        deciding = 0
+
+        async def replica(index: int) -> None:
+            nonlocal deciding
+            for _ in range(20):
+
+                def decide(seen: CatchUp) -> WriteBatch:
+                    nonlocal deciding
+                    deciding += 1
+                    assert deciding == 1, "two replicas decided at once"
+                    deciding -= 1
+                    known[index] = (seen.version + 1, seen.last_sequence + 2)
+                    return appended(seen, EventType.LEASE_GRANTED, EventType.LEASE_RELEASED)
+
+                await stores[index].exchange(*known[index], decide)
+
+        await asyncio.gather(*(replica(i) for i in range(3)))
+        sequences = [e.sequence for e in await all_events(stores[0], page=500)]
+        assert sequences == list(range(1, 121))
+        snapshot = await stores[1].load()
+        assert (snapshot.version, snapshot.last_sequence, snapshot.fencing_token) == (60, 120, 60)
+    finally:
+        for store in stores:
+            await store.close()
+
+
+async def test_a_replica_whose_change_records_were_pruned_must_reload(postgres_dsn: str, pg_schema: str) -> None:
+    store = PostgresStore(postgres_dsn, schema=pg_schema)
+    await store.open()
+    try:
+        for n in range(1, 4):
+            await store.write(WriteBatch(events=[event(n)], fencing_token=n))
+        async with await psycopg.AsyncConnection.connect(postgres_dsn, autocommit=True) as conn:
+            await conn.execute(sql.SQL("DELETE FROM {}.changes WHERE version < 3").format(sql.Identifier(pg_schema)))
+        assert (await store.catch_up(2, 2)).version == 3  # what it needs is still there
+        with pytest.raises(ReplicaBehind):
+            await store.catch_up(1, 1)
+        with pytest.raises(ReplicaBehind):
+            await store.exchange(0, 0, lambda seen: pytest.fail("decided without the records"))
+    finally:
+        await store.close()
+
+
+async def test_one_replica_leads_and_another_takes_over_when_it_dies(postgres_dsn: str, pg_schema: str) -> None:
+    stores = [PostgresStore(postgres_dsn, schema=pg_schema) for _ in range(2)]
+    for store in stores:
+        await store.open()
+    leading = [False, False]
+    versions: list[list[int]] = [[], []]
+    told = asyncio.Event()
+
+    def follower(index: int) -> asyncio.Task[None]:
+        def lead(now: bool) -> None:
+            leading[index] = now
+            told.set()
+
+        def changed(version: int) -> None:
+            versions[index].append(version)
+            told.set()
+
+        return asyncio.create_task(stores[index].follow(changed, lead))
+
+    async def until(condition: Callable[[], bool], seconds: float = 5.0) -> None:
+        async with asyncio.timeout(seconds):
+            while not condition():
+                told.clear()
+                await told.wait()
+
+    tasks = [follower(0), follower(1)]
+    try:
+        await until(lambda: any(leading))
+        await asyncio.sleep(1.5)  # a poll or more: the other must not take it too
+        assert leading.count(True) == 1
+        first = leading.index(True)
+        # A write on either replica reaches both as a notification, well before a poll.
+        await stores[first].write(WriteBatch(events=[event(1)], fencing_token=1))
+        await until(lambda: 1 in versions[0] and 1 in versions[1], seconds=0.9)
+        # The leader dies (its connection with it): the other takes over within a poll or two.
+        tasks[first].cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await tasks[first]
+        await until(lambda: leading[1 - first], seconds=3.0)
+    finally:
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for store in stores:
+            await store.close()
 
 
 # -- PostgreSQL: an unreachable database, and the DSN's password ------------------------
