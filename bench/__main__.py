@@ -73,6 +73,7 @@ SCENARIOS = (
     "allocate_untraced",
     "allocate_bare",
     "allocate_pg",
+    "allocate_pg2",
     "allocate_watched",
     "allocate_watched_all",
 )
@@ -81,6 +82,7 @@ LOAD = {
     "allocate_untraced": "allocate",
     "allocate_bare": "allocate",
     "allocate_pg": "allocate",
+    "allocate_pg2": "allocate",
     "allocate_watched": "allocate",
     "allocate_watched_all": "allocate",
 }
@@ -140,7 +142,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         for index in range(max(1, args.rounds)):
             # The watched scenario and its twin back to back, first one then the other first.
             twins = ["allocate_untraced", "allocate_watched"][:: 1 if index % 2 == 0 else -1]
-            rounds += ["allocate", *twins, "allocate_bare", "allocate_pg", "lifecycle", "noop"]
+            rounds += ["allocate", *twins, "allocate_bare", "allocate_pg", "allocate_pg2", "lifecycle", "noop"]
         args.schedule = ["noop", *rounds]
     unknown = [s for s in args.schedule if s not in SCENARIOS]
     if unknown:
@@ -275,15 +277,22 @@ def _split(total: int, parts: int) -> list[int]:
 
 
 def _run_scenario(
-    args: argparse.Namespace, server: ServerProcess, scenario: str, index: int, work_dir: Path, token: str
+    args: argparse.Namespace, servers: list[ServerProcess], scenario: str, index: int, work_dir: Path, token: str
 ) -> list[dict[str, Any]]:
-    """Run `scenario` once from `args.clients` load processes started together; their raw results."""
+    """Run `scenario` once from `args.clients` load processes started together; their raw results.
+
+    With several servers (replicas), the load processes take turns at them;
+    server CPU is accounted for the first one only.
+    """
     processes: list[tuple[subprocess.Popen[str], Path]] = []
+    server = servers[0]
     try:
-        for client, concurrency in enumerate(_split(args.concurrency, args.clients)):
+        # At least one load process per server, sharing the same total concurrency.
+        for client, concurrency in enumerate(_split(args.concurrency, max(args.clients, len(servers)))):
+            target = servers[client % len(servers)].target
             out = work_dir / f"{index:02d}-{scenario}-{client}.json"
             command = [
-                *(sys.executable, "-m", "bench.load", "--target", server.target, "--scenario", LOAD[scenario]),
+                *(sys.executable, "-m", "bench.load", "--target", target, "--scenario", LOAD[scenario]),
                 *("--concurrency", str(concurrency), "--warmup", str(args.warmup), "--duration", str(args.duration)),
                 *("--sticky-fraction", str(args.sticky_fraction), "--prefix", f"r{os.getpid()}s{index}c{client}"),
                 *("--server-pid", str(server.pid), "--out", str(out)),
@@ -299,8 +308,9 @@ def _run_scenario(
         for process, _ in processes:
             if process.wait(timeout=args.warmup + args.duration + 60) != 0:
                 raise RuntimeError(f"a {scenario} load process failed (exit {process.returncode})")
-        if server.process.poll() is not None:
-            raise RuntimeError(f"the server exited during {scenario}:\n{server.stderr_tail()}")
+        for each in servers:
+            if each.process.poll() is not None:
+                raise RuntimeError(f"the server exited during {scenario}:\n{each.stderr_tail()}")
         return [json.loads(out.read_text()) for _, out in processes]
     finally:
         for process, _ in processes:
@@ -445,6 +455,9 @@ def _flat(scenarios: dict[str, dict[str, Any]]) -> dict[str, Any]:
     if "allocate_pg" in scenarios and "allocate_bare" in scenarios:
         # The same Allocate load on PostgreSQL and on the embedded store, both without interceptors.
         flat["pg1_ratio"] = _ratio(scenarios["allocate_pg"]["rps"], scenarios["allocate_bare"]["rps"])
+    if "allocate_pg2" in scenarios and "allocate_bare" in scenarios:
+        # Two replicas on one PostgreSQL schema, the load split between them: what a second replica buys.
+        flat["pg2_ratio"] = _ratio(scenarios["allocate_pg2"]["rps"], scenarios["allocate_bare"]["rps"])
     if "allocate" in scenarios and "allocate_bare" in scenarios:
         # The share of Allocate throughput the interceptor chain costs (0.15: 15 % fewer calls per second).
         kept = _ratio(scenarios["allocate"]["rps"], scenarios["allocate_bare"]["rps"])
@@ -652,6 +665,7 @@ def _table(scenarios: dict[str, dict[str, Any]]) -> str:
         "allocate_untraced": "allocate, chain without spans",
         "allocate_bare": "allocate, no interceptors",
         "allocate_pg": "allocate on PostgreSQL, no interceptors",
+        "allocate_pg2": "allocate on 2 replicas sharing PostgreSQL, no interceptors",
         "allocate_watched": f"allocate, chain without spans, {WATCHERS} watchers (one subscription each)",
         "allocate_watched_all": f"allocate, chain without spans, {WATCHERS} unfiltered watchers",
         "lifecycle": "lifecycle (rps / noop per RPC)",
@@ -738,22 +752,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             )
             bare = stack.enter_context(_server(work_dir, args.subscriptions, "off", {}))
             servers = [full, untraced, bare]
-            pg = None
+            pg: list[ServerProcess] = []
             if "allocate_pg" in args.schedule:
                 pg_env, pg_extra = stack.enter_context(_postgres_schema())
-                pg = stack.enter_context(_server(work_dir, args.subscriptions, "off", pg_env, "pg", pg_extra))
-                servers.append(pg)
+                pg.append(stack.enter_context(_server(work_dir, args.subscriptions, "off", pg_env, "pg", pg_extra)))
+            pg2: list[ServerProcess] = []
+            if "allocate_pg2" in args.schedule:
+                pg_env, pg_extra = stack.enter_context(_postgres_schema())
+                for name in ("pg2a", "pg2b"):
+                    replica = _server(work_dir, args.subscriptions, "off", pg_env, name, pg_extra)
+                    pg2.append(stack.enter_context(replica))
+            servers += pg + pg2
             for server in servers:
                 print(f"server pid {server.pid} on {server.target}; data in {server.data_dir}", file=sys.stderr)
             for index, scenario in enumerate(args.schedule):
                 print(f"[{index + 1}/{len(args.schedule)}] {scenario} ...", file=sys.stderr, flush=True)
-                server, server_token = {
-                    "allocate_bare": (bare, ""),
+                targets, server_token = {
+                    "allocate_bare": ([bare], ""),
                     "allocate_pg": (pg, ""),
-                    "allocate_untraced": (untraced, token),
-                    "allocate_watched": (untraced, token),
-                    "allocate_watched_all": (untraced, token),
-                }.get(scenario, (full, token))
+                    "allocate_pg2": (pg2, ""),
+                    "allocate_untraced": ([untraced], token),
+                    "allocate_watched": ([untraced], token),
+                    "allocate_watched_all": ([untraced], token),
+                }.get(scenario, ([full], token))
+                server = targets[0]
                 follow = WATCHED.get(scenario)
                 with (
                     _watchers(server, follow, args.subscriptions, index, work_dir, server_token)
@@ -761,7 +783,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     else contextlib.nullcontext({})
                 ) as watched:
                     raw.setdefault(scenario, []).append(
-                        _run_scenario(args, server, scenario, index, work_dir, server_token)
+                        _run_scenario(args, targets, scenario, index, work_dir, server_token)
                     )
                 if follow is not None:
                     watched_raw.setdefault(scenario, []).append(watched)
