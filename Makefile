@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 CONFIG ?= authpool_server/example-config.json
 LISTEN ?= 127.0.0.1:50051
 
-.PHONY: help venv run test test-unit test-integration bench simulate lint format proto proto-check clean
+.PHONY: help venv run test test-unit test-integration bench simulate lint format proto proto-check clean interop-deps
 
 help:
 	@echo "make run          serve the example config on $(LISTEN), auth off (local development only)"
@@ -27,7 +27,7 @@ venv: $(STAMP)
 run: $(STAMP)
 	$(BIN)/authpool serve --config $(CONFIG) --listen $(LISTEN) --insecure-no-auth
 
-test: $(STAMP)
+test: $(STAMP) interop-deps
 	$(BIN)/pytest
 
 test-unit: $(STAMP)
@@ -55,6 +55,15 @@ proto: $(STAMP)
 
 proto-check: $(STAMP)
 	$(BIN)/python scripts/gen_proto.py --check
+
+# The Node.js interop test's npm packages (@grpc/grpc-js, @grpc/proto-loader), exactly as locked,
+# into tests/interop/node_modules (git-ignored); `make test` installs them. (A bare `pytest` without them
+# skips that test, except under CI.)
+INTEROP := tests/interop
+interop-deps: $(INTEROP)/node_modules/.package-lock.json
+
+$(INTEROP)/node_modules/.package-lock.json: $(INTEROP)/package.json $(INTEROP)/package-lock.json
+	cd $(INTEROP) && npm ci --no-audit --no-fund
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .ruff_cache .hypothesis
