@@ -1,9 +1,14 @@
-"""The `authpool` command: `serve` and `config check`."""
+"""The `authpool` command: `serve`, `config check`, `db migrate`, `simulate`, and the operator commands.
+
+The operator commands (`status`, `watch`, `rebalance`, `drain`, `undrain`)
+are clients of a running server; they live in `authpool_server.ops`.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -79,22 +84,50 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _config_check(args: argparse.Namespace) -> int:
+    if args.json:
+        return _config_check_json(args.file)
     settings = _load(args.file)
     pool = settings.pool
     print(
         f"{settings.source}: valid; {len(pool.subscriptions)} subscriptions, "
         f"weekly budget {sum(s.weekly_budget_micros for s in pool.subscriptions) / 1e6:g} in all"
     )
+    for note in _config_notes(settings):
+        print(f"note: {note}")
+    return 0
+
+
+def _config_notes(settings: Settings) -> list[str]:
+    notes = []
     if settings.webhooks is not None and settings.webhooks.secret is None:
-        print(
-            "note: notification rules send to the webhook but AUTHPOOL_WEBHOOK_SECRET is not set in this "
+        notes.append(
+            "notification rules send to the webhook but AUTHPOOL_WEBHOOK_SECRET is not set in this "
             "environment; `authpool serve` will refuse to start until it is"
         )
     if not settings.security.has_credentials:
-        print(
-            "note: no principal has a token in this environment; `authpool serve` will refuse to start "
+        notes.append(
+            "no principal has a token in this environment; `authpool serve` will refuse to start "
             "until one does (AUTHPOOL_ADMIN_TOKEN, ...) or it is given --insecure-no-auth"
         )
+    return notes
+
+
+def _config_check_json(path: str) -> int:
+    """The same verdict for scripts: `valid`, and `problems` or the pool's size and `notes`; exit 2 if invalid."""
+    try:
+        settings = load_config(path)
+    except ConfigError as error:
+        print(json.dumps({"source": path, "valid": False, "problems": error.problems}, indent=2))
+        return 2
+    subscriptions = settings.pool.subscriptions
+    document = {
+        "source": str(settings.source),
+        "valid": True,
+        "subscriptions": len(subscriptions),
+        "weekly_budget_micros": sum(s.weekly_budget_micros for s in subscriptions),
+        "notes": _config_notes(settings),
+    }
+    print(json.dumps(document, indent=2))
     return 0
 
 
@@ -134,6 +167,7 @@ def _parser() -> argparse.ArgumentParser:
     config_commands = config.add_subparsers(dest="config_command", required=True)
     check = config_commands.add_parser("check", help="validate a config file without serving")
     check.add_argument("file", help="the config file to check")
+    check.add_argument("--json", action="store_true", help="print the verdict as JSON, for scripts")
     check.set_defaults(run=_config_check)
 
     db = commands.add_parser("db", help="database tools (the PostgreSQL store)")
@@ -148,6 +182,10 @@ def _parser() -> argparse.ArgumentParser:
         "simulate", help="replay traffic traces through the real balancer (docs/simulator.md)"
     )
     build_simulator_parser(simulate)  # its subcommands set `run`
+
+    from authpool_server.ops import add_commands as add_operator_commands
+
+    add_operator_commands(commands)
     return parser
 
 
