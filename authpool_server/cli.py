@@ -72,6 +72,8 @@ def _serve(args: argparse.Namespace) -> int:
                     pool_size=settings.store.pool_size,
                     connect_timeout_seconds=settings.store.connect_timeout_seconds,
                 ),
+                config=settings,
+                config_poll_seconds=args.config_poll_seconds,
             )
         )
     except StartupRefused as refusal:
@@ -160,6 +162,12 @@ def _parser() -> argparse.ArgumentParser:
         "--insecure-no-auth",
         action="store_true",
         help="LOCAL DEVELOPMENT ONLY: accept every caller as admin, without a token (loopback addresses only)",
+    )
+    serve.add_argument(
+        "--config-poll-seconds",
+        type=float,
+        default=2.0,
+        help="check the config file for changes this often and apply them (0: only on SIGHUP; default 2)",
     )
     serve.set_defaults(run=_serve)
 

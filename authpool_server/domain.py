@@ -66,6 +66,7 @@ class EventType(StrEnum):
     USAGE_THRESHOLD_CROSSED = "usage_threshold_crossed"
     POOL_EXHAUSTED = "pool_exhausted"
     WEBHOOK_FAILURE = "webhook_failure"
+    CONFIG_RELOADED = "config_reloaded"
 
 
 @dataclass(frozen=True, slots=True)

@@ -96,6 +96,15 @@ class SubscriptionLedger:
     def disabled(self) -> bool:
         return self._auth_failures_in_a_row >= self._pool.auth_failure_limit
 
+    def respec(self, spec: SubscriptionSpec, pool: PoolSpec) -> None:
+        """Take a reloaded config's settings; the caller rolls the windows if their schedule changed."""
+        if len(spec.extra_windows) != len(self.spec.extra_windows):
+            self.extra_windows = [(0.0, 0.0)] * len(spec.extra_windows)  # rolled on the next decision
+            self.extra_usage = [0] * len(spec.extra_windows)
+        self.spec = spec
+        self._pool = pool
+        self._load = None
+
     def add_clients(self, count: int) -> None:
         self.live_clients += count
         self._load = None

@@ -15,7 +15,7 @@ notification enters the outbox in the same transaction as its event.
 | `subscription_disabled` | a status change to disabled (auth failures)                     | warning  |
 | `webhook_failure`       | WEBHOOK_FAILURE (a notification was dead-lettered); log only,   | warning  |
 |                         | never the webhook itself, so a failing endpoint cannot loop     |          |
-| `config_reloaded`       | accepted; nothing emits it until configuration reload exists    | info     |
+| `config_reloaded`       | CONFIG_RELOADED (this server applied a changed config file)     | info     |
 
 The severities follow the guide's alert tiers (critical: all subscriptions
 exhausted; warning: health and webhook failures; info: the 80 % threshold,
@@ -62,6 +62,8 @@ def _rule_of(event: Event) -> str | None:
         return "subscription_disabled"
     if event.type is EventType.WEBHOOK_FAILURE:
         return "webhook_failure"
+    if event.type is EventType.CONFIG_RELOADED:
+        return "config_reloaded"
     return None
 
 
@@ -81,6 +83,9 @@ def _summary(event: Event, rule: str) -> str:
         return f"subscription {subscription} is disabled after repeated auth failures"
     if rule == "webhook_failure":
         return f"webhook notification {attributes.get('notification_id', '?')} was given up"
+    if rule == "config_reloaded":
+        changes = [f"{key} {attributes[key]}" for key in ("added", "removed", "changed") if attributes.get(key)]
+        return "configuration reloaded" + (f": {'; '.join(changes)}" if changes else "")
     return f"{event.type} on {subscription}"
 
 

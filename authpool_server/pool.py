@@ -134,6 +134,17 @@ class PoolObserver(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
+class Reconfiguration:
+    """What applying a reloaded config changed (subscription ids)."""
+
+    added: tuple[str, ...]
+    removed: tuple[str, ...]  # draining until their clients are gone
+    changed: tuple[str, ...]
+    pool_changed: bool  # pool-wide settings (thresholds, TTL, rules, ...)
+    clients_moved: int  # idle clients moved off removed subscriptions at once
+
+
+@dataclass(frozen=True, slots=True)
 class SubscriptionView:
     spec: SubscriptionSpec
     status: SubscriptionStatus
@@ -220,6 +231,9 @@ class Pool:
         # Set when new notifications are durable: the webhook dispatcher waits on it.
         self.outbox_wakeup = asyncio.Event()
         self._pool_exhausted = False
+        # Subscriptions a reloaded config removed, draining until their last
+        # client leaves, with the flags they had (restored if they come back).
+        self._retired: dict[str, SubscriptionFlags] = {}
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -295,6 +309,9 @@ class Pool:
             spec.id: SubscriptionLedger(spec, self.spec, balancer.window_bounds(now, spec.reset))
             for spec in self.spec.subscriptions
         }
+        # Removed subscriptions still draining are not rebuilt: their clients
+        # are moved at their next call, as for any subscription not in the pool.
+        self._retired = {}
         for ledger in self._ledgers.values():
             for index, window in enumerate(ledger.spec.extra_windows):
                 ledger.roll_extra(index, balancer.extra_window_bounds(now, window), 0)
@@ -600,6 +617,7 @@ class Pool:
         self._sequence = max(self._sequence, seen.last_sequence)
         self._token = max(self._token, seen.fencing_token)
         self.version = seen.version
+        self._drop_retired()
         self.events.publish(seen.events)
         if any(change.outbox for change in seen.changes):
             self.outbox_wakeup.set()
@@ -962,9 +980,82 @@ class Pool:
         """Put a drained or disabled subscription back into rotation."""
         return await self._apply(lambda now, batch: self._set_draining(subscription_id, False, now, batch))
 
+    async def reconfigure(self, spec: PoolSpec) -> Reconfiguration:
+        """Apply a reloaded config at once, as one decision.
+
+        New subscriptions join; removed ones drain (idle clients move now,
+        busy ones once idle, and the subscription leaves when its last client
+        has); changed budgets, limits and schedules take effect for the next
+        decision. Webhook delivery is wired at start and stays as it was.
+        """
+        return await self._apply(lambda now, batch: self._reconfigure(spec, now, batch))
+
+    def _reconfigure(self, spec: PoolSpec, now: float, batch: WriteBatch) -> Reconfiguration:
+        spec = replace(spec, webhooks_enabled=self.spec.webhooks_enabled)
+        before = {sub.id: sub for sub in self.spec.subscriptions}
+        after = {sub.id: sub for sub in spec.subscriptions}
+        pool_changed = replace(self.spec, subscriptions=()) != replace(spec, subscriptions=())
+        self.spec = spec
+        self._rules = Rules(spec.notification_rules)
+        added, changed = [], []
+        for sub in spec.subscriptions:
+            ledger = self._ledgers.get(sub.id)
+            if ledger is None:
+                self._ledgers[sub.id] = ledger = self._new_ledger(sub, now)
+                added.append(sub.id)
+            else:
+                if sub.id in self._retired:
+                    ledger.set_flags(self._retired.pop(sub.id))  # back in the config: back in rotation
+                    added.append(sub.id)
+                elif sub != before.get(sub.id):
+                    changed.append(sub.id)
+                schedule_changed = ledger.spec.reset != sub.reset or ledger.spec.extra_windows != sub.extra_windows
+                ledger.respec(sub, spec)
+                if schedule_changed:
+                    self._roll_window(ledger, now)
+            self._note_status(sub.id, batch, now)
+        removed = [sid for sid in self._ledgers if sid not in after and sid not in self._retired]
+        for sid in removed:
+            ledger = self._ledgers[sid]
+            ledger.respec(ledger.spec, spec)
+            self._retired[sid] = ledger.flags
+            ledger.set_flags(replace(ledger.flags, draining=True))  # in memory: the config says so, not an operator
+        for ledger in self._ledgers.values():
+            ledger.respec(ledger.spec, spec)  # the pool-wide settings every ledger reads
+        moved = sum(self._move_off_unservable(now, batch, only=sid, cause="config") for sid in removed)
+        self._drop_retired()
+        self._event(
+            batch,
+            now,
+            EventType.CONFIG_RELOADED,
+            attributes=(
+                ("added", ",".join(added)),
+                ("removed", ",".join(removed)),
+                ("changed", ",".join(changed)),
+                ("pool", "changed" if pool_changed else "unchanged"),
+            ),
+        )
+        return Reconfiguration(tuple(added), tuple(removed), tuple(changed), pool_changed, moved)
+
+    def _new_ledger(self, sub: SubscriptionSpec, now: float) -> SubscriptionLedger:
+        """A ledger for a subscription that joins the pool: its spend and clients from what memory holds."""
+        ledger = SubscriptionLedger(sub, self.spec, balancer.window_bounds(now, sub.reset))
+        self._roll_window(ledger, now)
+        for index, window in enumerate(sub.extra_windows):
+            bounds = balancer.extra_window_bounds(now, window)
+            ledger.roll_extra(index, bounds, self._usage_since(sub.id, bounds[0]))
+        ledger.add_clients(sum(1 for lease in self._leases.values() if lease.subscription_id == sub.id))
+        return ledger
+
+    def _drop_retired(self) -> None:
+        """Forget removed subscriptions whose last client has gone."""
+        for sid in [sid for sid in self._retired if self._ledgers[sid].live_clients <= 0]:
+            del self._retired[sid], self._ledgers[sid]
+            self._statuses.pop(sid, None)
+
     def _set_draining(self, subscription_id: str, draining: bool, now: float, batch: WriteBatch) -> int:
         ledger = self._ledgers.get(subscription_id)
-        if ledger is None:
+        if ledger is None or subscription_id in self._retired:
             raise SubscriptionNotFound(subscription_id)
         resumed_at = ledger.flags.resumed_at if draining else now
         flags = SubscriptionFlags(subscription_id, draining=draining, resumed_at=resumed_at)
@@ -1011,7 +1102,10 @@ class Pool:
         out_of_service = [sid for sid, ledger in self._ledgers.items() if ledger.flags.draining or ledger.disabled]
         for subscription_id in out_of_service:
             cause = "rotation" if self._ledgers[subscription_id].flags.draining else "failover"
+            if subscription_id in self._retired:
+                cause = "config"
             self._move_off_unservable(now, batch, only=subscription_id, cause=cause)
+        self._drop_retired()
         if now - self._last_prune >= _PRUNE_EVERY_SECONDS:
             self._last_prune = now
             self._prune(now, batch)

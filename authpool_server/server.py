@@ -27,12 +27,13 @@ from grpc_reflection.v1alpha import reflection
 
 from authpool_server.admin import AdminServer
 from authpool_server.api import authpool_pb2, authpool_pb2_grpc
-from authpool_server.config import WebhookSettings
+from authpool_server.config import Settings, WebhookSettings
 from authpool_server.delivery import WebhookDispatcher
 from authpool_server.domain import PoolSpec
 from authpool_server.errors import StartupRefused
 from authpool_server.interceptors import build_chain
 from authpool_server.pool import Pool
+from authpool_server.reload import DEFAULT_POLL_SECONDS, ConfigReloader, ReloadResult
 from authpool_server.security.settings import SecuritySettings
 from authpool_server.service import AuthPoolService
 from authpool_server.store import DATABASE_FILE, Store
@@ -71,6 +72,10 @@ class Server:
             metrics or spans): only for `make bench` to measure the chain's cost.
         webhooks: The webhook channel (with `spec.webhooks_enabled`); None: no delivery.
         store: Where the state lives; None: the embedded SQLite store in `data_dir`.
+        config: The settings the server was started from; with their source
+            file, the file is watched and a change applied (hot reload).
+        config_poll_seconds: How often the config file is checked for
+            changes; 0: only on `reload_config()` (SIGHUP).
     """
 
     def __init__(
@@ -88,6 +93,8 @@ class Server:
         grace_seconds: float = DEFAULT_GRACE_SECONDS,
         background: bool = True,
         clock: Callable[[], float] = time.time,
+        config: Settings | None = None,
+        config_poll_seconds: float = DEFAULT_POLL_SECONDS,
     ) -> None:
         self.pool = Pool(spec, store if store is not None else SQLiteStore(data_dir / DATABASE_FILE), clock=clock)
         self._clock = clock
@@ -109,6 +116,9 @@ class Server:
         self._readiness: asyncio.Task[None] | None = None
         self._webhooks = webhooks
         self._dispatcher: WebhookDispatcher | None = None
+        self._config = config
+        self._config_poll_seconds = config_poll_seconds
+        self.reloader: ConfigReloader | None = None
         self.port = 0
 
     @property
@@ -188,6 +198,15 @@ class Server:
                 self._sampler = asyncio.create_task(self._sample_forever(), name="authpool-metrics")
         if self._admin is not None:
             await self._admin.start()
+        if self._config is not None and self._config.source is not None:
+            self.reloader = ConfigReloader(
+                self._config.source,
+                self._config,
+                self.pool,
+                poll_seconds=self._config_poll_seconds,
+                on_result=self._reloaded,
+            )
+            self.reloader.start()
         for service in (*LIVENESS, *READINESS):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self._readiness = asyncio.create_task(self._watch_readiness(), name="authpool-readiness")
@@ -203,6 +222,15 @@ class Server:
                 }
             },
         )
+
+    def reload_config(self) -> None:
+        """Reload the config file now (what SIGHUP does); a no-op without one."""
+        if self.reloader is not None:
+            self.reloader.request()
+
+    def _reloaded(self, result: ReloadResult) -> None:
+        if self.metrics is not None:
+            self.metrics.config_reloaded(result.applied is not None)
 
     async def _watch_readiness(self) -> None:
         """Readiness follows the store; liveness stays SERVING (a store outage is no reason to restart).
@@ -242,6 +270,8 @@ class Server:
         self.pool.events.close()
         if self._server is not None:
             await self._server.stop(grace)
+        if self.reloader is not None:
+            await self.reloader.close()
         for task in (self._sampler, self._readiness):
             if task is not None:
                 task.cancel()
@@ -263,8 +293,10 @@ async def serve(
     admin_listen: str | None,
     webhooks: WebhookSettings | None,
     store: Store,
+    config: Settings | None = None,
+    config_poll_seconds: float = DEFAULT_POLL_SECONDS,
 ) -> None:
-    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+    """Run until SIGTERM or SIGINT, then shut down gracefully; SIGHUP reloads the config file."""
     server = Server(
         spec,
         data_dir=data_dir,
@@ -273,11 +305,14 @@ async def serve(
         admin_listen=admin_listen,
         webhooks=webhooks,
         store=store,
+        config=config,
+        config_poll_seconds=config_poll_seconds,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, server.reload_config)
     await server.start()
     try:
         await stop.wait()

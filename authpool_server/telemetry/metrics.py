@@ -32,7 +32,8 @@ budget), `authpool_subscription_projected_usage` (at window end),
 and `authpool_watchers` (open WatchEvents streams). Webhook deliveries:
 `authpool_webhook_attempts_total` by `result` (delivered, retry, dead),
 `authpool_webhook_pending` and `authpool_webhook_dead_lettered` (the guide's
-"webhook delivery failures" alert). With replicas on PostgreSQL,
+"webhook delivery failures" alert). Config hot reload:
+`authpool_config_reloads_total` by `result` (applied, rejected). With replicas on PostgreSQL,
 `authpool_replica_leader` is 1 on the one replica running the background
 work (reaper, rebalancer, webhook delivery) and 0 on the others; a lone
 server always leads. CPU is the Python process collector's
@@ -144,6 +145,12 @@ class Metrics:
             callbacks=[lambda _: self._webhook_attempts.observations("result")],
             description="Webhook delivery attempts by result: delivered, retry (failed, tried again), dead",
         )
+        self._config_reloads: CounterDict[str] = CounterDict()
+        meter.create_observable_counter(
+            "authpool.config.reloads",
+            callbacks=[lambda _: self._config_reloads.observations("result")],
+            description="Config reloads by result: applied, or rejected (the file was invalid; the old config runs)",
+        )
         self._gauges(meter)
         pool.observe(self)
 
@@ -174,6 +181,9 @@ class Metrics:
     def webhook_attempted(self, entry: OutboxEntry) -> None:
         result = {DeliveryState.DELIVERED: "delivered", DeliveryState.DEAD: "dead"}.get(entry.state, "retry")
         self._webhook_attempts[result] += 1
+
+    def config_reloaded(self, applied: bool) -> None:
+        self._config_reloads["applied" if applied else "rejected"] += 1
 
     def refresh(self) -> None:
         """Take the snapshot the gauges report. Call on the event loop that owns the pool."""

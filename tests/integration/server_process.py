@@ -47,10 +47,13 @@ class ServerProcess:
     on a free port too (`admin_port`), so several servers never collide.
     """
 
-    def __init__(self, config: Path, data_dir: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, config: Path, data_dir: Path, env: dict[str, str] | None = None, args: tuple[str, ...] = ()
+    ) -> None:
         self.config = config
         self.data_dir = data_dir
         self.env = env or {}
+        self.args = args  # more `authpool serve` options
         self.process: subprocess.Popen[str] | None = None
         self.port = 0
         self.admin_port = 0
@@ -74,6 +77,7 @@ class ServerProcess:
                     "--admin-listen",
                     "127.0.0.1:0",
                     *([] if with_tokens else ["--insecure-no-auth"]),
+                    *self.args,
                 ],
                 stdout=log,
                 stderr=log,

@@ -185,6 +185,11 @@ class _EventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventType.V
     """A webhook notification was given up after its last attempt (attributes
     "notification_id", "attempts", "last_error"); it is dead-lettered.
     """
+    EVENT_TYPE_CONFIG_RELOADED: _EventType.ValueType  # 12
+    """This server applied a changed config file (attributes "added", "removed"
+    and "changed": comma-separated subscription ids; "pool": "changed" when
+    pool-wide settings changed). Each replica reloads, and says so, itself.
+    """
 
 class EventType(_EventType, metaclass=_EventTypeEnumTypeWrapper):
     """EventType names what an event records."""
@@ -219,6 +224,11 @@ draining, and new clients go to the fallback (or are refused).
 EVENT_TYPE_WEBHOOK_FAILURE: EventType.ValueType  # 11
 """A webhook notification was given up after its last attempt (attributes
 "notification_id", "attempts", "last_error"); it is dead-lettered.
+"""
+EVENT_TYPE_CONFIG_RELOADED: EventType.ValueType  # 12
+"""This server applied a changed config file (attributes "added", "removed"
+and "changed": comma-separated subscription ids; "pool": "changed" when
+pool-wide settings changed). Each replica reloads, and says so, itself.
 """
 Global___EventType: _TypeAlias = EventType  # noqa: Y015
 
