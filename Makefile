@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 CONFIG ?= authpool_server/example-config.json
 LISTEN ?= 127.0.0.1:50051
 
-.PHONY: help venv run test test-unit test-integration bench simulate lint format proto proto-check clean interop-deps
+.PHONY: help venv run test test-unit test-integration bench simulate lint format proto proto-check clean interop-deps k8s
 
 help:
 	@echo "make run          serve the example config on $(LISTEN), auth off (local development only)"
@@ -15,6 +15,7 @@ help:
 	@echo "make simulate     replay the shipped traces through the balancer; report and plots in var/sim/"
 	@echo "make lint         ruff check and format check, generated code freshness"
 	@echo "make proto        regenerate the protobuf code from protos/"
+	@echo "make k8s          regenerate the PrometheusRule, render deploy/k8s into var/k8s/, run tests/deploy"
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -64,6 +65,14 @@ interop-deps: $(INTEROP)/node_modules/.package-lock.json
 
 $(INTEROP)/node_modules/.package-lock.json: $(INTEROP)/package.json $(INTEROP)/package-lock.json
 	cd $(INTEROP) && npm ci --no-audit --no-fund
+
+k8s: $(STAMP)
+	$(BIN)/python deploy/prometheus/prometheusrule.py
+	mkdir -p var/k8s
+	for dir in overlays/embedded overlays/ha monitoring; do \
+		kubectl kustomize deploy/k8s/$$dir > var/k8s/$$(basename $$dir).yaml || exit 1; \
+	done
+	$(BIN)/pytest tests/deploy -q
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .ruff_cache .hypothesis
