@@ -18,7 +18,7 @@ from authpool_server.config import ConfigError, Settings, load_config
 from authpool_server.errors import StartupRefused, StoreUnavailable
 from authpool_server.logs import configure_logging
 from authpool_server.security.settings import is_loopback
-from authpool_server.store import make_store
+from authpool_server.store import DATABASE_FILE, make_store
 
 __all__ = ["main"]
 
@@ -133,6 +133,51 @@ def _config_check_json(path: str) -> int:
     return 0
 
 
+def _embedded_database(args: argparse.Namespace, what: str) -> Path | None:
+    """The SQLite file `authpool serve` would use with these arguments; None (after saying why) on PostgreSQL."""
+    settings = _load(args.config)
+    if settings.store.kind == "postgres":
+        print(
+            f"authpool: the config's store is PostgreSQL: {what} it with PostgreSQL's own tools "
+            "(pg_dump / pg_restore of the schema, or your provider's backups and point-in-time recovery)",
+            file=sys.stderr,
+        )
+        return None
+    return (Path(args.data_dir) if args.data_dir else settings.data_dir) / DATABASE_FILE
+
+
+def _backup(args: argparse.Namespace) -> int:
+    from authpool_server.store.sqlite_backup import BackupError, backup
+
+    database = _embedded_database(args, "back")
+    if database is None:
+        return 2
+    try:
+        summary = backup(database, Path(args.file))
+    except (BackupError, OSError) as error:
+        print(f"authpool backup: {error}", file=sys.stderr)
+        return 1
+    print(f"backed up {database} to {args.file}: {summary.describe()}")
+    return 0
+
+
+def _restore(args: argparse.Namespace) -> int:
+    from authpool_server.store.sqlite_backup import BackupError, restore
+
+    database = _embedded_database(args, "restore")
+    if database is None:
+        return 2
+    try:
+        summary, kept = restore(Path(args.file), database)
+    except (BackupError, StartupRefused, OSError) as error:
+        print(f"authpool restore: {error}", file=sys.stderr)
+        return 1
+    print(f"restored {args.file} into {database}: {summary.describe()}")
+    if kept is not None:
+        print(f"the database it replaced is kept as {kept}")
+    return 0
+
+
 def _db_migrate(args: argparse.Namespace) -> int:
     settings = _load(args.config)
     if settings.store.kind != "postgres":
@@ -183,6 +228,15 @@ def _parser() -> argparse.ArgumentParser:
     migrate = db_commands.add_parser("migrate", help="apply the schema migrations (also done at start)")
     migrate.add_argument("--config", help="config file (default: $AUTH_POOL_CONFIG); the DSN is $AUTHPOOL_DATABASE_URL")
     migrate.set_defaults(run=_db_migrate)
+
+    backup = commands.add_parser("backup", help="copy the embedded store to FILE while the server serves")
+    backup.add_argument("file", help="where to write the backup (replaced atomically)")
+    restore = commands.add_parser("restore", help="replace a stopped server's embedded store with a backup")
+    restore.add_argument("file", help="the backup to restore")
+    for command, run in ((backup, _backup), (restore, _restore)):
+        command.add_argument("--config", help="config file (default: $AUTH_POOL_CONFIG): where dataDir is")
+        command.add_argument("--data-dir", help="the server's data directory (default: the config's dataDir)")
+        command.set_defaults(run=run)
 
     from authpool_server.simulator.cli import build_parser as build_simulator_parser
 

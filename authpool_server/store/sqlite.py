@@ -8,13 +8,23 @@ decisions and durability does not cost throughput.
 All writes go through one connection on one thread; event replays read
 through a second connection on another thread, which WAL lets run beside
 the writer.
+
+One server per data directory: `open()` takes an exclusive lock on
+`authpool.sqlite3.lock` beside the database for as long as the store is
+open (the kernel drops it if the process dies), so a second server, or a
+restore, started on the same directory by mistake is refused instead of
+interleaving writes with the first.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import json
+import os
 import sqlite3
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -27,10 +37,11 @@ from authpool_server.domain import (
     Outcome,
     UsageRecord,
 )
+from authpool_server.errors import StartupRefused
 from authpool_server.ledger import SubscriptionFlags
 from authpool_server.store.base import Snapshot, WriteBatch, outbox_from_row, outbox_row
 
-__all__ = ["SQLiteStore"]
+__all__ = ["SQLiteStore", "data_dir_lock"]
 
 SCHEMA_VERSION = 3
 # What each version adds to the one before; applied in order at start.
@@ -201,6 +212,31 @@ def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
         future.set_exception(error)
 
 
+def _lock(database: Path, purpose: str) -> int:
+    """Take the data directory's lock (a file descriptor, released when closed) or refuse."""
+    path = database.with_name(database.name + ".lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StartupRefused(
+            f"{database} is in use by a running AuthPool server (it holds {path.name}): "
+            f"stop that server before {purpose}"
+        ) from None
+    return fd
+
+
+@contextlib.contextmanager
+def data_dir_lock(database: Path, *, purpose: str) -> Iterator[None]:
+    """Hold the data directory's lock while the block runs (what a restore does)."""
+    fd = _lock(database, purpose)
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
 class SQLiteStore:
     """The embedded store. `path` is the database file; its folder is created."""
 
@@ -210,6 +246,7 @@ class SQLiteStore:
         self._reader_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-reader")
         self._writer: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
+        self._lock_fd: int | None = None
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -224,7 +261,12 @@ class SQLiteStore:
 
     async def open(self) -> Snapshot:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        return await self._on_writer(self._open)
+        self._lock_fd = _lock(self.path, "starting another on the same data directory")
+        try:
+            return await self._on_writer(self._open)
+        except BaseException:
+            await self.close()
+            raise
 
     def _open(self) -> Snapshot:
         self._writer = self._connect()
@@ -428,3 +470,6 @@ class SQLiteStore:
         await self._on_writer(close_all)
         self._writer_thread.shutdown(wait=True)
         self._reader_thread.shutdown(wait=True)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # last: another server may open the directory now
+            self._lock_fd = None

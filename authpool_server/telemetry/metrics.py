@@ -145,7 +145,8 @@ class Metrics:
             callbacks=[lambda _: self._webhook_attempts.observations("result")],
             description="Webhook delivery attempts by result: delivered, retry (failed, tried again), dead",
         )
-        self._config_reloads: CounterDict[str] = CounterDict()
+        # Both results exported from the start at 0, so that the first reload is an increase.
+        self._config_reloads: CounterDict[str] = CounterDict({"applied": 0, "rejected": 0})
         meter.create_observable_counter(
             "authpool.config.reloads",
             callbacks=[lambda _: self._config_reloads.observations("result")],
