@@ -349,13 +349,16 @@ async def test_compaction_during_a_replay_ends_it_out_of_range_never_with_a_gap(
     late = await allocate(stub, "w2")  # sequence 601 (w1's expiry may come with it: 602)
     assert await last_sequence(stub) in (601, 602)
 
-    call = watch(stub, after=0)
-    try:
-        first = await asyncio.wait_for(call.read(), timeout=5)  # the replay has read its first page
-        await server.pool.reap()  # prunes events older than 7 days: 1..600
-        rest, error = await read_to_the_end(call)
-    finally:
-        call.cancel()
+    # Small flow-control windows hold the server's writes within the first page until this
+    # client reads on, so the compaction lands mid-replay however the machine schedules things.
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}", options=SMALL_WINDOWS) as slow_channel:
+        call = watch(authpool_pb2_grpc.AuthPoolStub(slow_channel), after=0)
+        try:
+            first = await asyncio.wait_for(call.read(), timeout=5)  # the replay has read its first page
+            await server.pool.reap()  # prunes events older than 7 days: 1..600
+            rest, error = await read_to_the_end(call)
+        finally:
+            call.cancel()
 
     # What it got is gapless from the start; then it is told where the log now starts.
     events = [first.event, *rest]
