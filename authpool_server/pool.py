@@ -321,24 +321,16 @@ class Pool:
         for lease in snapshot.live_leases:
             if not lease.fallback and lease.subscription_id in self._ledgers:
                 self._ledgers[lease.subscription_id].add_clients(1)
-        self._usage_log = deque(sorted(snapshot.usage, key=lambda record: record.at))
-        self._request_ids = {record.request_id: record.subscription_id for record in snapshot.usage}
         self._sequence = snapshot.last_sequence
         self._token = snapshot.fencing_token
         self.version = snapshot.version
         self.events.last_sequence = snapshot.last_sequence
+        self._usage_log = deque()
+        self._request_ids = {}
         self._fallback_usage = 0
-        for record in self._usage_log:
-            if record.fallback:
-                self._fallback_usage += record.cost_micros
-            elif record.subscription_id in self._ledgers and record.at <= now:
-                self._ledgers[record.subscription_id].record(
-                    record.at,
-                    record.cost_micros,
-                    record.outcome,
-                    provider_remaining_ppm=record.provider_remaining_ppm,
-                    provider_reset_at=record.provider_reset_at,
-                )
+        for record in sorted(snapshot.usage, key=lambda record: record.at):
+            # Spend after the as-of time belongs to windows the next decision rolls into.
+            self._count_usage(record, in_ledger=record.at <= now)
         self._statuses = {sid: self._status(sid, now) for sid in self._ledgers}
         self._pool_exhausted = self._no_subscription_active(now)
         self.outbox.restore(snapshot.outbox, snapshot.delivered_notifications)
@@ -855,13 +847,13 @@ class Pool:
             self._note_status(subscription_id, batch, now)
         return UsageAck(duplicate=False, subscription_id=subscription_id)
 
-    def _count_usage(self, record: UsageRecord) -> None:
+    def _count_usage(self, record: UsageRecord, *, in_ledger: bool = True) -> None:
         """Take a usage record into memory: the log, the request ids, and its subscription's ledger."""
         self._request_ids[record.request_id] = record.subscription_id
         self._usage_log.append(record)
         if record.fallback:
             self._fallback_usage += record.cost_micros
-        elif record.subscription_id in self._ledgers:
+        elif in_ledger and record.subscription_id in self._ledgers:
             self._ledgers[record.subscription_id].record(
                 record.at,
                 record.cost_micros,

@@ -21,10 +21,8 @@ import grpc
 from authpool_client._channel import ChannelSettings, RetryPolicy
 from authpool_client._client import DEFAULT_TIMEOUT
 from authpool_client._errors import AuthPoolError, LeaseLost, StaleFencingToken, from_rpc_error
-from authpool_client._lease import LeaseState
+from authpool_client._lease import LeaseState, LeaseView
 from authpool_client._models import (
-    Decision,
-    LeaseInfo,
     Outcome,
     UsageReceipt,
     allocate_request,
@@ -217,11 +215,13 @@ class AsyncAuthPoolClient:
             stream.cancel()
 
 
-class AsyncLease:
+class AsyncLease(LeaseView):
     """One client's lease under asyncio: allocated on `__aenter__`, renewed by a task, released on `__aexit__`.
 
     The same surface as the sync `Lease`; see there.
     """
+
+    _USE_INSIDE = "async with client.lease(...)"
 
     def __init__(
         self,
@@ -240,68 +240,6 @@ class AsyncLease:
         self._renewer: asyncio.Task[None] | None = None
         self.released: bool | None = None
         """After exit: True when this lease's Release ended it, False when it was already gone."""
-
-    @property
-    def _held(self) -> LeaseState:
-        if self._state is None:
-            raise RuntimeError("the lease is not allocated yet: use it inside `async with client.lease(...)`")
-        return self._state
-
-    @property
-    def info(self) -> LeaseInfo:
-        return self._held.info
-
-    @property
-    def lease_id(self) -> str:
-        return self._held.info.lease_id
-
-    @property
-    def credential_ref(self) -> str:
-        return self._held.info.credential_ref
-
-    @property
-    def subscription_id(self) -> str:
-        return self._held.info.subscription_id
-
-    @property
-    def fencing_token(self) -> int:
-        return self._held.info.fencing_token
-
-    @property
-    def fallback(self) -> bool:
-        return self._held.info.fallback
-
-    @property
-    def expires_at(self) -> datetime:
-        return self._held.info.expires_at
-
-    @property
-    def decision(self) -> Decision:
-        return self._held.decision
-
-    @property
-    def renewals(self) -> int:
-        return self._held.renewals
-
-    @property
-    def moves(self) -> int:
-        return self._held.moves
-
-    @property
-    def moved(self) -> bool:
-        return self._held.moves > 0
-
-    @property
-    def lost(self) -> bool:
-        return self._held.lost is not None
-
-    @property
-    def lost_error(self) -> LeaseLost | None:
-        return self._held.lost
-
-    def raise_if_lost(self) -> None:
-        if self._held.lost is not None:
-            raise self._held.lost
 
     async def report_usage(
         self,

@@ -14,10 +14,8 @@ import grpc
 
 from authpool_client._channel import ChannelSettings, RetryPolicy
 from authpool_client._errors import AuthPoolError, LeaseLost, StaleFencingToken, from_rpc_error
-from authpool_client._lease import LeaseState
+from authpool_client._lease import LeaseState, LeaseView
 from authpool_client._models import (
-    Decision,
-    LeaseInfo,
     Outcome,
     UsageReceipt,
     allocate_request,
@@ -245,7 +243,7 @@ class AuthPoolClient:
         )
 
 
-class Lease:
+class Lease(LeaseView):
     """One client's lease: allocated on `__enter__`, renewed by a thread, released on `__exit__`.
 
     Read `credential_ref` (and `fencing_token`) each time you use them: they
@@ -271,80 +269,6 @@ class Lease:
         self._renewer: threading.Thread | None = None
         self.released: bool | None = None
         """After exit: True when this lease's Release ended it, False when it was already gone."""
-
-    # -- what the holder reads -------------------------------------------------
-
-    @property
-    def _held(self) -> LeaseState:
-        if self._state is None:
-            raise RuntimeError("the lease is not allocated yet: use it inside `with client.lease(...)`")
-        return self._state
-
-    @property
-    def info(self) -> LeaseInfo:
-        """The lease as the server last described it (one consistent snapshot)."""
-        return self._held.info
-
-    @property
-    def lease_id(self) -> str:
-        return self._held.info.lease_id
-
-    @property
-    def credential_ref(self) -> str:
-        """Where the credential is (e.g. its config directory); changes when the lease moves."""
-        return self._held.info.credential_ref
-
-    @property
-    def subscription_id(self) -> str:
-        return self._held.info.subscription_id
-
-    @property
-    def fencing_token(self) -> int:
-        """The newest fencing token; present it with anything you do under this lease."""
-        return self._held.info.fencing_token
-
-    @property
-    def fallback(self) -> bool:
-        """True when the lease is on the pay-as-you-go fallback rather than the pool."""
-        return self._held.info.fallback
-
-    @property
-    def expires_at(self) -> datetime:
-        return self._held.info.expires_at
-
-    @property
-    def decision(self) -> Decision:
-        """How the Allocate was answered (NEW, STICKY, FAILOVER, FALLBACK)."""
-        return self._held.decision
-
-    @property
-    def renewals(self) -> int:
-        """Successful renewals so far."""
-        return self._held.renewals
-
-    @property
-    def moves(self) -> int:
-        """How many times the lease moved to another credential while held."""
-        return self._held.moves
-
-    @property
-    def moved(self) -> bool:
-        """True once the lease has moved to another credential while held."""
-        return self._held.moves > 0
-
-    @property
-    def lost(self) -> bool:
-        """True once the lease can no longer be renewed; stop using its credential."""
-        return self._held.lost is not None
-
-    @property
-    def lost_error(self) -> LeaseLost | None:
-        return self._held.lost
-
-    def raise_if_lost(self) -> None:
-        """Raise `LeaseLost` if the lease can no longer be renewed."""
-        if self._held.lost is not None:
-            raise self._held.lost
 
     def report_usage(
         self,

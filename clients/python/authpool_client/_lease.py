@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from datetime import datetime
 
 from authpool_client._errors import AuthPoolError, InvalidArgument, LeaseLost, NotFound, StaleFencingToken
 from authpool_client._models import Decision, LeaseInfo
 from authpool_client.api import authpool_pb2 as pb
 
-__all__ = ["LeaseState"]
+__all__ = ["LeaseState", "LeaseView"]
 
 RENEW_FRACTION = 1 / 3
 # Never renew more often than this, even when the clock disagrees with the server's.
@@ -80,3 +81,82 @@ class LeaseState:
                 cause=error,
             )
         return self.lost
+
+
+class LeaseView:
+    """What the holder of a lease reads; shared by the sync `Lease` and the asyncio `AsyncLease`."""
+
+    _state: LeaseState | None
+    _USE_INSIDE = "with client.lease(...)"
+
+    @property
+    def _held(self) -> LeaseState:
+        if self._state is None:
+            raise RuntimeError(f"the lease is not allocated yet: use it inside `{self._USE_INSIDE}`")
+        return self._state
+
+    @property
+    def info(self) -> LeaseInfo:
+        """The lease as the server last described it (one consistent snapshot)."""
+        return self._held.info
+
+    @property
+    def lease_id(self) -> str:
+        return self._held.info.lease_id
+
+    @property
+    def credential_ref(self) -> str:
+        """Where the credential is (e.g. its config directory); changes when the lease moves."""
+        return self._held.info.credential_ref
+
+    @property
+    def subscription_id(self) -> str:
+        return self._held.info.subscription_id
+
+    @property
+    def fencing_token(self) -> int:
+        """The newest fencing token; present it with anything you do under this lease."""
+        return self._held.info.fencing_token
+
+    @property
+    def fallback(self) -> bool:
+        """True when the lease is on the pay-as-you-go fallback rather than the pool."""
+        return self._held.info.fallback
+
+    @property
+    def expires_at(self) -> datetime:
+        return self._held.info.expires_at
+
+    @property
+    def decision(self) -> Decision:
+        """How the Allocate was answered (NEW, STICKY, FAILOVER, FALLBACK)."""
+        return self._held.decision
+
+    @property
+    def renewals(self) -> int:
+        """Successful renewals so far."""
+        return self._held.renewals
+
+    @property
+    def moves(self) -> int:
+        """How many times the lease moved to another credential while held."""
+        return self._held.moves
+
+    @property
+    def moved(self) -> bool:
+        """True once the lease has moved to another credential while held."""
+        return self._held.moves > 0
+
+    @property
+    def lost(self) -> bool:
+        """True once the lease can no longer be renewed; stop using its credential."""
+        return self._held.lost is not None
+
+    @property
+    def lost_error(self) -> LeaseLost | None:
+        return self._held.lost
+
+    def raise_if_lost(self) -> None:
+        """Raise `LeaseLost` if the lease can no longer be renewed."""
+        if self._held.lost is not None:
+            raise self._held.lost
