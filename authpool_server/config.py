@@ -22,6 +22,7 @@ import difflib
 import functools
 import json
 import os
+import re
 from collections.abc import Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -811,6 +812,9 @@ def _aliases() -> dict[str, str]:
     return {name: info.alias or name for m in _models(ConfigModel) for name, info in m.model_fields.items()}
 
 
+_PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
+
+
 def _path(loc: tuple[int | str, ...], *, unknown_last: bool = False) -> str:
     # pydantic names a defaulted field by its Python name; the operator knows the JSON one.
     aliases = _aliases()
@@ -821,6 +825,9 @@ def _path(loc: tuple[int | str, ...], *, unknown_last: bool = False) -> str:
             continue
         keep = unknown_last and i == len(loc) - 1  # a typo must be shown as typed
         name = part if keep else aliases.get(part, part)
+        if keep and not _PLAIN_KEY.fullmatch(name):
+            out += f"[{json.dumps(name)}]"  # "", "a.b" or " x" would read as another path
+            continue
         out += f".{name}" if out else name
     return out or "<root>"
 

@@ -78,6 +78,12 @@ _PROGRESS_INTERVAL = (1.0, 3600.0)
 _INTERNAL = AuthPoolError("internal error; the server log has the details")
 
 
+# google.protobuf.Timestamp's range: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z.
+_MIN_TIMESTAMP_SECONDS = -62_135_596_800
+_MAX_TIMESTAMP_SECONDS = 253_402_300_799
+_INT64_MAX = 2**63 - 1
+
+
 def mask_email(email: str) -> str:
     """`team+sub1@company.com` -> `t***@company.com`: enough to tell accounts apart."""
     local, _, domain = email.partition("@")
@@ -202,9 +208,16 @@ class AuthPoolService(authpool_pb2_grpc.AuthPoolServicer):
                 check.add("provider_limits.remaining_fraction", "must be between 0 and 1")
             else:
                 remaining_ppm = round(limits.remaining_fraction * PPM)
-        reset_at = limits.reset_time.ToNanoseconds() / 1e9 if limits.HasField("reset_time") else 0.0
-        if reset_at < 0:
-            check.add("provider_limits.reset_time", "must be after 1970")
+        reset_at = 0.0
+        if limits.HasField("reset_time"):
+            stamp = limits.reset_time
+            # Checked by hand: ToNanoseconds raises on a Timestamp outside its documented range.
+            if not (_MIN_TIMESTAMP_SECONDS <= stamp.seconds <= _MAX_TIMESTAMP_SECONDS and 0 <= stamp.nanos < 10**9):
+                check.add("provider_limits.reset_time", "is not a valid timestamp (years 0001-9999, nanos 0-999999999)")
+            else:
+                reset_at = stamp.ToNanoseconds() / 1e9
+                if reset_at < 0:
+                    check.add("provider_limits.reset_time", "must be after 1970")
         check.raise_if_any()
         ack = await self._pool.report_usage(
             UsageReport(
@@ -241,8 +254,9 @@ class AuthPoolService(authpool_pb2_grpc.AuthPoolServicer):
                 utilization=view.window_usage_micros / view.spec.weekly_budget_micros,
                 window_start=_timestamp(view.window_start),
                 window_end=_timestamp(view.window_end),
-                spend_rate_micros_per_hour=view.forecast.spend_rate_micros_per_hour,
-                projected_window_usage_micros=view.forecast.projected_window_spend_micros,
+                # A provider's far-future reset time can stretch a window past what int64 holds.
+                spend_rate_micros_per_hour=min(view.forecast.spend_rate_micros_per_hour, _INT64_MAX),
+                projected_window_usage_micros=min(view.forecast.projected_window_spend_micros, _INT64_MAX),
                 seconds_to_threshold=view.forecast.seconds_to_threshold,
                 recent_error_rate=view.error_rate,
             )

@@ -20,7 +20,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 import grpc
+from google.protobuf.message import DecodeError
 
+from authpool_server.errors import InvalidArgument
+from authpool_server.rpc_errors import to_status
 from authpool_server.telemetry.call import Call, close_call, open_call
 
 __all__ = ["ChainInterceptor", "Proceed", "Step", "final_code"]
@@ -100,7 +103,42 @@ class ChainInterceptor(grpc.aio.ServerInterceptor):
                 return await run(method, context, lambda: behavior(request, context))
 
             new_behavior = unary
-        return _FACTORIES[streaming](new_behavior, handler.request_deserializer, handler.response_serializer)
+        deserializer = handler.request_deserializer
+        if not handler.request_streaming and deserializer is not None:
+            # grpc answers a request it cannot decode with UNKNOWN and the exception's text;
+            # decoding to a marker instead lets the chain (auth first) refuse it properly.
+            deserializer = _tolerant(deserializer)
+            inner = new_behavior
+
+            async def checked(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                if isinstance(request, _Undecodable):
+                    return await run(method, context, functools.partial(_refuse_undecodable, request, context))
+                return await inner(request, context)
+
+            new_behavior = checked
+        return _FACTORIES[streaming](new_behavior, deserializer, handler.response_serializer)
+
+
+class _Undecodable:
+    """What a request that is not a valid protobuf message decodes to; the service never sees it."""
+
+    def __init__(self, problem: str) -> None:
+        self.problem = problem
+
+
+def _tolerant(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def decode(raw: bytes) -> Any:
+        try:
+            return deserializer(raw)
+        except DecodeError as error:
+            return _Undecodable(str(error))  # upb names the type and the fault, never the bytes
+
+    return decode
+
+
+async def _refuse_undecodable(request: _Undecodable, context: grpc.aio.ServicerContext) -> Any:
+    error = InvalidArgument([("request", f"is not a valid protobuf message ({request.problem})")])
+    await context.abort_with_status(to_status(error))
 
 
 async def _admit(call: Call, handler: Proceed) -> Any:

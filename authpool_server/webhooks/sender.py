@@ -29,7 +29,7 @@ import httpx
 
 from authpool_server import __version__
 from authpool_server.webhooks.signing import WebhookSecret, sign
-from authpool_server.webhooks.urls import check_webhook_url, redacted_url
+from authpool_server.webhooks.urls import BLOCKED_TARGET, check_webhook_url, redacted_url, resolves_to_blocked
 
 __all__ = ["USER_AGENT", "DeliveryResult", "RetryPolicy", "WebhookSender", "backoff", "load_ca_bundle"]
 
@@ -176,6 +176,7 @@ class WebhookSender:
         self._timeout = timeout_seconds
         self._clock = clock
         self._hidden = _hidden_parts(self._url)
+        self._guard_dns = transport is None  # a transport of the caller's replaces the network
         self._client = httpx.AsyncClient(
             verify=verify,
             http1=True,
@@ -208,6 +209,15 @@ class WebhookSender:
             "webhook-signature": sign(self._secret, notification_id, timestamp, body),
         }
         started = time.monotonic()
+        if self._guard_dns:
+            try:
+                async with asyncio.timeout(self._timeout):
+                    blocked = await resolves_to_blocked(self._url)
+            except TimeoutError as exc:
+                return DeliveryResult(False, _describe(exc, self._timeout), seconds=_since(started))
+            if blocked:
+                # The name passed the config check but resolves to, e.g., the cloud metadata service.
+                return DeliveryResult(False, f"webhook URL {BLOCKED_TARGET}", seconds=_since(started))
         try:
             # httpx's timeout bounds each phase; this bounds the attempt, so a receiver
             # that trickles its answer cannot hold a delivery slot for long.

@@ -9,9 +9,10 @@ Errors are gRPC statuses carrying `google.rpc` details (AIP-193): every
 error raised by AuthPool itself has an `ErrorInfo` with a stable
 UPPER_SNAKE `reason` in the domain "authpool.v1" (INTERNAL for faults);
 INVALID_ARGUMENT adds a `BadRequest` naming each offending field;
-RESOURCE_EXHAUSTED (POOL_EXHAUSTED) adds a `RetryInfo`. Errors raised by
-the gRPC layer before AuthPool sees the call (an oversize message,
-undecodable bytes) carry only the status code.
+RESOURCE_EXHAUSTED (POOL_EXHAUSTED) adds a `RetryInfo`. A request that is
+not a valid protobuf message is INVALID_ARGUMENT naming the field
+`request`. Errors raised by the gRPC layer before AuthPool sees the call
+(an oversize message) carry only the status code.
 """
 
 from . import authpool_pb2 as _authpool_pb2
