@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import hashlib
 import json
 import os
 import re
@@ -510,6 +511,7 @@ class Settings:
         admin: The admin HTTP port.
         webhooks: Where webhook notifications go, when a rule sends any.
         store: Which store holds the state (and the PostgreSQL DSN, never shown).
+        source_digest: SHA-256 of the file's bytes as loaded.
     """
 
     pool: PoolSpec
@@ -523,6 +525,7 @@ class Settings:
     admin: AdminConfig
     webhooks: WebhookSettings | None = None
     store: StoreSettings = field(default_factory=lambda: StoreSettings("sqlite"))
+    source_digest: str = ""  # SHA-256 of the bytes loaded: hot reload compares the file with it
 
 
 @dataclass(frozen=True, slots=True)
@@ -590,7 +593,7 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
     chosen = Path(path) if path is not None else overrides.config_path or EXAMPLE_CONFIG
     source = Path(os.path.abspath(chosen.expanduser()))
 
-    data, file_problem = _read_document(source)
+    data, file_problem, digest = _read_document(source)
     if file_problem:
         raise ConfigError([*problems, file_problem], source) from None
 
@@ -622,6 +625,7 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
         admin=raw.admin,
         webhooks=webhooks,
         store=store,
+        source_digest=digest,
     )
 
 
@@ -692,24 +696,28 @@ def _webhook_settings(
     )
 
 
-def _read_document(source: Path) -> tuple[dict[str, Any], str | None]:
+def _read_document(source: Path) -> tuple[dict[str, Any], str | None, str]:
+    """The file's JSON object, the problem with it (None if none), and the SHA-256 of the bytes read."""
     try:
-        text = source.read_text(encoding="utf-8")
+        raw = source.read_bytes()
     except FileNotFoundError:
-        return {}, f"{source}: file not found"
-    except UnicodeDecodeError:
-        return {}, f"{source}: not UTF-8 text"
+        return {}, f"{source}: file not found", ""
     except OSError as exc:
-        return {}, f"{source}: cannot read ({exc.strerror})"
+        return {}, f"{source}: cannot read ({exc.strerror})", ""
+    digest = hashlib.sha256(raw).hexdigest()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return {}, f"{source}: not UTF-8 text", digest
     try:
         data = json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constants)
     except json.JSONDecodeError as exc:
-        return {}, f"{source}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"
+        return {}, f"{source}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}", digest
     except ValueError as exc:
-        return {}, f"{source}: invalid JSON: {exc}"
+        return {}, f"{source}: invalid JSON: {exc}", digest
     if not isinstance(data, dict):
-        return {}, f"{source}: the top level must be a JSON object"
-    return data, None
+        return {}, f"{source}: the top level must be a JSON object", digest
+    return data, None, digest
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

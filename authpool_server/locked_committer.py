@@ -99,24 +99,39 @@ class LockedCommitter:
             self._known_version = version
             self._wakeup.set()
 
+    def catch_up_soon(self) -> None:
+        """Look for other replicas' writes now, notified or not (a watcher asks for a newer sequence)."""
+        self.changed(self._replica.version + 1)
+
     async def _run(self) -> None:
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
-            if self._pending:
-                group, self._pending = self._pending, []
-                await self._cycle(group)
-            elif self._known_version > self._replica.version:
-                await self._follow()
-            elif self._closing:
-                return
-            if self._pending or self._closing or self._known_version > self._replica.version:
+            try:
+                if self._pending:
+                    group, self._pending = self._pending, []
+                    await self._cycle(group)
+                elif self._closing:
+                    return
+                elif self._known_version > self._replica.version:
+                    await self._follow()
+            except Exception:
+                # This task must outlive any bug, or every later call would wait forever.
+                log.exception("the commit loop failed; reloading the pool's state")
+                await self._replica.reload()
+            # What was read is all there is: a notified version beyond it (a store that went
+            # back, another schema's notification) must not make this loop spin.
+            self._known_version = min(self._known_version, self._replica.version)
+            if self._pending or self._closing:
                 self._wakeup.set()
 
     async def _cycle(self, group: list[_Decision]) -> None:
         batch = WriteBatch()
+        touched = False  # whether memory changed in this attempt (then a failed write means a reload)
 
         def decide(seen: CatchUp) -> WriteBatch:
+            nonlocal touched
+            touched = True
             self._replica.catch_up(seen)
             for decision in group:
                 if decision.future.cancelled():
@@ -135,12 +150,15 @@ class LockedCommitter:
                 await self._replica.reload()
                 continue  # the same decisions, on the fresh state: none of them ran
             except Exception:
-                log.exception("store write failed; failing %d waiting calls and reloading", len(group))
                 error = StoreUnavailable("the store could not commit the change")
                 for decision in group:
                     if not decision.future.done():
                         decision.future.set_exception(error)
-                await self._replica.reload()
+                if touched:
+                    log.exception("store write failed; failed %d waiting calls, reloading", len(group))
+                    await self._replica.reload()
+                else:  # failed before the lock (no connection): memory is as it was
+                    log.warning("store write failed before deciding; failed %d waiting calls", len(group))
                 return
             break
         self._replica.committed(batch, version)
@@ -163,7 +181,6 @@ class LockedCommitter:
         except Exception as error:
             # The next notification or poll tries again; calls still catch up under the lock.
             log.warning("could not catch up with other replicas: %s", error)
-            self._known_version = self._replica.version
         else:
             self._replica.catch_up(seen)
 

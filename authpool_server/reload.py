@@ -7,7 +7,9 @@ it, so an edit in place, a replaced file and Kubernetes' ConfigMap update
 seen. The new file is loaded and validated exactly as at start; an invalid
 one is rejected with every problem logged, and the running config stays.
 A valid one is applied by the pool as one decision (`Pool.reconfigure`),
-which records a CONFIG_RELOADED event.
+which records a CONFIG_RELOADED event. A valid file that could not be
+applied (the store was away) is tried again at the next poll: a file
+counts as seen only once it was applied or rejected.
 
 What the pool does not hold (listen addresses, TLS, tokens, the store,
 webhook endpoint and secret, logging) is read at start only: a change there
@@ -36,11 +38,17 @@ DEFAULT_POLL_SECONDS = 2.0
 
 @dataclass(frozen=True, slots=True)
 class ReloadResult:
-    """How one reload went: applied (with what changed) or rejected (with every problem)."""
+    """How one reload went: applied (with what changed), rejected (with every problem), or failed (retried)."""
 
     applied: Reconfiguration | None
     problems: tuple[str, ...] = ()
     needs_restart: tuple[str, ...] = ()
+    failed: str = ""  # a valid file the pool could not apply now; tried again at the next poll
+
+    @property
+    def result(self) -> str:
+        """For metrics: applied, rejected or failed."""
+        return "applied" if self.applied is not None else "failed" if self.failed else "rejected"
 
 
 def _restart_only(old: Settings, new: Settings) -> list[str]:
@@ -53,6 +61,7 @@ def _restart_only(old: Settings, new: Settings) -> list[str]:
         "store": (old.raw.store, new.raw.store),
         "notifications.webhook": (old.webhooks, new.webhooks),
         "logging": ((old.log_level, old.log_format), (new.log_level, new.log_format)),
+        "events.watcherBuffer": (old.pool.watcher_buffer, new.pool.watcher_buffer),
     }
     return [name for name, (before, after) in fields.items() if before != after]
 
@@ -74,7 +83,8 @@ class ConfigReloader:
         self._poll_seconds = poll_seconds
         self._load = load
         self._on_result = on_result
-        self._digest = self._read_digest()
+        # What the running config was loaded from: a change made while the server started is seen.
+        self._digest: str | None = running.source_digest or self._read_digest()
         self._asked = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
@@ -115,38 +125,53 @@ class ConfigReloader:
     async def reload(self) -> ReloadResult:
         """Load the file now and apply it if valid; what happened."""
         async with self._lock:
-            self._digest = self._read_digest()
             try:
                 settings = await asyncio.to_thread(self._load, self._path)
             except ConfigError as error:
+                self._digest = self._read_digest()  # seen: the next edit is what matters
                 result = ReloadResult(None, problems=tuple(error.problems))
                 log.error(
                     "config reload rejected; the running config stays",
                     extra={"context": {"config": str(self._path), "problems": list(error.problems)}},
                 )
-            else:
-                # Compared with what the server started with: those settings never change while it runs.
-                needs_restart = _restart_only(self._running, settings)
+                self._report(result)
+                return result
+            try:
                 applied = await self._pool.reconfigure(settings.pool)
-                result = ReloadResult(applied, needs_restart=tuple(needs_restart))
-                log.info(
-                    "config reloaded",
-                    extra={
-                        "context": {
-                            "config": str(self._path),
-                            "added": list(applied.added),
-                            "removed": list(applied.removed),
-                            "changed": list(applied.changed),
-                            "pool_settings_changed": applied.pool_changed,
-                            "clients_moved": applied.clients_moved,
-                        }
-                    },
+            except Exception as error:
+                # Not seen: the next poll tries again (the pool restored the running config).
+                result = ReloadResult(None, failed=str(error) or type(error).__name__)
+                log.warning(
+                    "config reload could not be applied now; trying again",
+                    extra={"context": {"config": str(self._path), "error": result.failed}},
                 )
-                if needs_restart:
-                    log.warning(
-                        "config changes that take effect only after a restart",
-                        extra={"context": {"settings": needs_restart}},
-                    )
-            if self._on_result is not None:
-                self._on_result(result)
+                self._report(result)
+                return result
+            self._digest = settings.source_digest or self._read_digest()
+            # Compared with what the server started with: those settings never change while it runs.
+            needs_restart = _restart_only(self._running, settings)
+            result = ReloadResult(applied, needs_restart=tuple(needs_restart))
+            log.info(
+                "config reloaded",
+                extra={
+                    "context": {
+                        "config": str(self._path),
+                        "added": list(applied.added),
+                        "removed": list(applied.removed),
+                        "changed": list(applied.changed),
+                        "pool_settings_changed": applied.pool_changed,
+                        "clients_moved": applied.clients_moved,
+                    }
+                },
+            )
+            if needs_restart:
+                log.warning(
+                    "config changes that take effect only after a restart",
+                    extra={"context": {"settings": needs_restart}},
+                )
+            self._report(result)
             return result
+
+    def _report(self, result: ReloadResult) -> None:
+        if self._on_result is not None:
+            self._on_result(result)

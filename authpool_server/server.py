@@ -230,7 +230,7 @@ class Server:
 
     def _reloaded(self, result: ReloadResult) -> None:
         if self.metrics is not None:
-            self.metrics.config_reloaded(result.applied is not None)
+            self.metrics.config_reloaded(result.result)
 
     async def _watch_readiness(self) -> None:
         """Readiness follows the store; liveness stays SERVING (a store outage is no reason to restart).

@@ -56,7 +56,7 @@ from time import monotonic
 from typing import Any
 
 import psycopg
-from psycopg import sql
+from psycopg import AsyncPipeline, sql
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolClosed, PoolTimeout
@@ -99,6 +99,8 @@ _CHANGE_PRUNE_EVERY_SECONDS = 5.0
 # leader proves its session (and so its lock) is still alive; a missed
 # notification is caught up within the same interval.
 FOLLOW_POLL_SECONDS = 1.0
+# The server ends a follower session that has said nothing for this long (its lock with it).
+_SILENT_LEADER_SECONDS = 5 * FOLLOW_POLL_SECONDS
 
 
 # -- migrations ---------------------------------------------------------------------
@@ -249,8 +251,22 @@ class _Target:
         return text
 
     def kwargs(self, connect_timeout: float) -> dict[str, Any]:
-        """Connection options: autocommit (transactions are explicit) and timeouts the DSN does not set."""
+        """Connection options: autocommit (transactions are explicit) and timeouts the DSN does not set.
+
+        The server gets limits of its own too (`options`): a session that
+        stops sending inside a transaction is ended after twice the timeout,
+        and its TCP keepalives find a peer that vanished. Without them, a
+        replica cut off by the network while holding the pool row lock (or
+        the background-work lock) would keep it for the server's default of
+        two hours, stopping every other replica.
+        """
         options: dict[str, Any] = {"autocommit": True}
+        seconds = max(1, round(connect_timeout))
+        server_side = (
+            f"-c idle_in_transaction_session_timeout={max(1000, int(2000 * connect_timeout))}"
+            f" -c tcp_keepalives_idle={seconds} -c tcp_keepalives_interval=1 -c tcp_keepalives_count=3"
+        )
+        options["options"] = f"{self.params['options']} {server_side}" if self.params.get("options") else server_side
         defaults = {
             "application_name": "authpool",
             "connect_timeout": str(max(2, math.ceil(connect_timeout))),  # libpq's floor is 2 s
@@ -496,6 +512,7 @@ class _Statements:
                 .as_bytes()
             )
 
+        self.fence_single_writers = q("UPDATE {s}.pool_state SET writer_epoch = writer_epoch + 1")
         # First in every write: every replica's decisions queue up here.
         self.lock = q("SELECT version, fencing_token, last_sequence FROM {s}.pool_state FOR UPDATE")
         self.head = q("SELECT version, fencing_token, last_sequence FROM {s}.pool_state")
@@ -618,6 +635,10 @@ class PostgresStore:
             raise RuntimeError("the PostgreSQL store is already open")
         async with self._target.guard("open"), await self._target.connect(self._connect_timeout) as conn:
             await _migrate(conn, self.schema)
+            # A server of the release before replicas checks `writer_epoch` in every write:
+            # bumping it fences such a server out during a rolling upgrade, instead of letting
+            # it write beside us without change records. (This release never reads it.)
+            await conn.execute(self._sql.fence_single_writers)
         pool: AsyncConnectionPool[Connection] = AsyncConnectionPool(
             self._target.dsn,
             kwargs=self._target.kwargs(self._connect_timeout),
@@ -674,10 +695,10 @@ class PostgresStore:
         return await self._locked(decide, catch_up=(version, sequence))
 
     async def catch_up(self, version: int, sequence: int) -> CatchUp:
-        async with self._connection("catch_up") as conn, conn.pipeline(), conn.transaction():
+        async with self._connection("catch_up") as conn, conn.pipeline() as pipeline, conn.transaction():
             # One snapshot: the records and events agree with the pool row read.
             await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            return await self._read_since(conn, self._sql.head, version, sequence)
+            return await self._read_since(conn, pipeline, self._sql.head, version, sequence)
 
     async def follow(self, on_change: Callable[[int], None], on_leadership: Callable[[bool], None]) -> None:
         """This replica's link to the others, until cancelled; see the module's docstring.
@@ -694,6 +715,10 @@ class PostgresStore:
             try:
                 async with await self._target.connect(self._connect_timeout) as conn:
                     await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
+                    # This session speaks every poll; one silent for several polls belongs to a replica
+                    # the network lost, and ending it frees the lead (PostgreSQL 14+; older: keepalives).
+                    with contextlib.suppress(psycopg.errors.UndefinedObject):
+                        await conn.execute(f"SET idle_session_timeout = {int(_SILENT_LEADER_SECONDS * 1000)}")
                     while True:
                         async with asyncio.timeout(self._command_timeout):
                             if leading:
@@ -709,7 +734,9 @@ class PostgresStore:
                         if row is not None:
                             on_change(int(row[0]))
                         async for notice in conn.notifies(timeout=FOLLOW_POLL_SECONDS):
-                            on_change(int(notice.payload))
+                            version, _, schema = notice.payload.partition(" ")
+                            if schema == self.schema:
+                                on_change(int(version))
             except Exception as error:
                 # The session is gone, and with it the lock: stop leading at once.
                 if leading:
@@ -721,14 +748,26 @@ class PostgresStore:
                 )
                 await asyncio.sleep(FOLLOW_POLL_SECONDS)
 
-    async def _read_since(self, conn: Connection, head_query: bytes, version: int, sequence: int) -> CatchUp:
+    async def _read_since(
+        self, conn: Connection, pipeline: AsyncPipeline, head_query: bytes, version: int, sequence: int
+    ) -> CatchUp:
         """The pool row (read with `head_query`) and what was committed after `version` and `sequence`."""
         s = self._sql
         head = await conn.execute(head_query)
         changes = await conn.execute(s.changes_after, (version,))
         events = await conn.execute(s.events_all_after, (sequence,))
+        # A Sync, not just a flush: the server then counts the session as idle in its transaction
+        # while we decide, so `idle_in_transaction_session_timeout` ends it if we never come back.
+        await pipeline.sync()
         current, token, last_sequence = await head.fetchone() or (0, 0, 0)
         records = [decode_change(v, body) for v, body in await changes.fetchall()]
+        if current < version or last_sequence < sequence:
+            # Restored from a backup, or failed over to a standby that had not caught up: the
+            # database is the truth, and this replica's memory is ahead of it.
+            raise ReplicaBehind(
+                f"the store went back: it is at version {current} (sequence {last_sequence}), this replica at "
+                f"{version} ({sequence})"
+            )
         # Versions are assigned under the lock, one per commit: a gap means pruned records.
         if [c.version for c in records] != list(range(version + 1, current + 1)):
             raise ReplicaBehind(
@@ -744,13 +783,14 @@ class PostgresStore:
         committed after them.
         """
         s = self._sql
-        async with self._connection("write") as conn, conn.pipeline(), conn.transaction():
+        async with self._connection("write") as conn, conn.pipeline() as pipeline, conn.transaction():
             if catch_up is None:
                 cur = await conn.execute(s.lock)
+                await pipeline.sync()  # as in `_read_since`
                 current, token, last_sequence = await cur.fetchone() or (0, 0, 0)
                 seen = CatchUp(current, token, last_sequence, [], [])
             else:
-                seen = await self._read_since(conn, s.lock, *catch_up)
+                seen = await self._read_since(conn, pipeline, s.lock, *catch_up)
             batch = decide(seen)
             if not (
                 batch.leases or batch.ended or batch.usage or batch.events or batch.flags or batch.outbox or batch.prune
@@ -786,8 +826,9 @@ class PostgresStore:
                 self._changes_pruned_at = now
                 await cur.execute(s.prune_changes, (now - CHANGE_RETENTION_SECONDS,))
             await cur.execute(s.advance, (version, batch.fencing_token, last_sequence))
-            # Delivered at commit, in commit order; the payload is the version now committed.
-            await cur.execute("SELECT pg_notify(%s, %s)", (self.channel, str(version)))
+            # Delivered at commit, in commit order: the version now committed, and whose (a long
+            # schema name's channel may be shared).
+            await cur.execute("SELECT pg_notify(%s, %s)", (self.channel, f"{version} {self.schema}"))
         return version
 
     async def events_after(self, sequence: int, limit: int) -> list[Event]:

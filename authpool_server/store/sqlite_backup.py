@@ -8,11 +8,14 @@ place. Its recovery point is the moment the backup began: everything the
 server acknowledged before then is in it.
 
 A restore replaces the database of a stopped server with a checked backup.
-It refuses while a server holds the data directory (the store's lock file),
-keeps the database it replaces beside it (`authpool.sqlite3.before-restore-<time>`,
-with its write-ahead log merged in first, so nothing of it is lost), and
-removes the old write-ahead files, which must never be replayed onto the
-restored file.
+It refuses while a server holds the data directory (the store's lock file).
+It first copies the backup beside the database and checks the copy; only
+then does it move the database it replaces aside, exactly as it is, with its
+write-ahead log (`authpool.sqlite3.before-restore-<time>` and its `-wal`:
+open it with sqlite3 to read it; it may be the damaged file the restore is
+for, so nothing is merged or dropped), and renames the copy into place. No
+old write-ahead file stays beside the restored database, where SQLite would
+replay it onto the wrong file.
 """
 
 from __future__ import annotations
@@ -20,9 +23,9 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 from authpool_server.store.sqlite import SCHEMA_VERSION, data_dir_lock
@@ -91,16 +94,24 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _install(source: Path, target: Path) -> None:
-    """Make `source` durable, then rename it to `target` atomically (owner-only: it holds the pool's state)."""
-    os.chmod(source, 0o600)
-    fd = os.open(source, os.O_RDONLY)
+def _make_durable(path: Path) -> None:
+    """On disk, owner-only (it holds the pool's state)."""
+    os.chmod(path, 0o600)
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _install(source: Path, target: Path) -> None:
+    """Make `source` durable, then rename it to `target` atomically."""
+    _make_durable(source)
     os.replace(source, target)
     _fsync_dir(target.parent)
+
+
+_SIDE_FILES = ("", "-wal", "-shm")  # a database and what SQLite keeps beside it
 
 
 def backup(database: Path, target: Path) -> BackupSummary:
@@ -118,6 +129,8 @@ def backup(database: Path, target: Path) -> BackupSummary:
             copy.execute("PRAGMA journal_mode=DELETE")  # one self-contained file, no -wal beside it
             summary = _checked(copy, target)
         _install(partial, target)
+    except sqlite3.Error as error:
+        raise BackupError(f"cannot back up {database}: {error}") from None
     finally:
         partial.unlink(missing_ok=True)
     return summary
@@ -127,20 +140,30 @@ def restore(backup_file: Path, database: Path) -> tuple[BackupSummary, Path | No
     """Replace a stopped server's database with `backup_file`; what it holds, and where the old one was kept."""
     if not backup_file.is_file():
         raise BackupError(f"no backup at {backup_file}")
-    with _connection(backup_file) as conn:
-        summary = _checked(conn, backup_file)
     database.parent.mkdir(parents=True, exist_ok=True)
+    staged = database.with_name(f".{database.name}.restoring")
     with data_dir_lock(database, purpose="restoring"):
+        try:
+            staged.unlink(missing_ok=True)
+            with _connection(backup_file) as source, _connection(staged) as copy:
+                source.backup(copy)
+                copy.execute("PRAGMA journal_mode=DELETE")
+                summary = _checked(copy, backup_file)
+            _make_durable(staged)
+        except sqlite3.Error as error:
+            staged.unlink(missing_ok=True)
+            raise BackupError(f"{backup_file} is not an AuthPool database that can be restored ({error})") from None
+        except BaseException:
+            staged.unlink(missing_ok=True)
+            raise
         kept = None
         if database.exists():
-            with _connection(database) as old:
-                old.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # the old file alone then holds all of it
-            kept = database.with_name(f"{database.name}.before-restore-{time.strftime('%Y%m%dT%H%M%S')}")
-            os.replace(database, kept)
-        for leftover in ("-wal", "-shm", "-journal"):
-            database.with_name(database.name + leftover).unlink(missing_ok=True)
-        staged = database.with_name(f".{database.name}.restoring")
-        with _connection(backup_file) as source, _connection(staged) as copy:
-            source.backup(copy)
-        _install(staged, database)
+            stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+            kept = database.with_name(f"{database.name}.before-restore-{stamp}")
+            for suffix in _SIDE_FILES:
+                with contextlib.suppress(FileNotFoundError):
+                    os.replace(database.with_name(database.name + suffix), kept.with_name(kept.name + suffix))
+        database.with_name(database.name + "-journal").unlink(missing_ok=True)
+        os.replace(staged, database)
+        _fsync_dir(database.parent)
     return summary, kept

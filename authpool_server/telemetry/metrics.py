@@ -33,7 +33,7 @@ and `authpool_watchers` (open WatchEvents streams). Webhook deliveries:
 `authpool_webhook_attempts_total` by `result` (delivered, retry, dead),
 `authpool_webhook_pending` and `authpool_webhook_dead_lettered` (the guide's
 "webhook delivery failures" alert). Config hot reload:
-`authpool_config_reloads_total` by `result` (applied, rejected). With replicas on PostgreSQL,
+`authpool_config_reloads_total` by `result` (applied, rejected, failed). With replicas on PostgreSQL,
 `authpool_replica_leader` is 1 on the one replica running the background
 work (reaper, rebalancer, webhook delivery) and 0 on the others; a lone
 server always leads. CPU is the Python process collector's
@@ -146,11 +146,11 @@ class Metrics:
             description="Webhook delivery attempts by result: delivered, retry (failed, tried again), dead",
         )
         # Both results exported from the start at 0, so that the first reload is an increase.
-        self._config_reloads: CounterDict[str] = CounterDict({"applied": 0, "rejected": 0})
+        self._config_reloads: CounterDict[str] = CounterDict({"applied": 0, "rejected": 0, "failed": 0})
         meter.create_observable_counter(
             "authpool.config.reloads",
             callbacks=[lambda _: self._config_reloads.observations("result")],
-            description="Config reloads by result: applied, or rejected (the file was invalid; the old config runs)",
+            description="Config reloads by result: applied, rejected (invalid file: old config runs), failed (retried)",
         )
         self._gauges(meter)
         pool.observe(self)
@@ -183,8 +183,9 @@ class Metrics:
         result = {DeliveryState.DELIVERED: "delivered", DeliveryState.DEAD: "dead"}.get(entry.state, "retry")
         self._webhook_attempts[result] += 1
 
-    def config_reloaded(self, applied: bool) -> None:
-        self._config_reloads["applied" if applied else "rejected"] += 1
+    def config_reloaded(self, result: str) -> None:
+        """`result`: applied, rejected (an invalid file) or failed (valid, not applied now; retried)."""
+        self._config_reloads[result] += 1
 
     def refresh(self) -> None:
         """Take the snapshot the gauges report. Call on the event loop that owns the pool."""

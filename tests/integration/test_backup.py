@@ -78,7 +78,7 @@ async def test_a_backup_under_load_holds_everything_acknowledged_before_it_and_r
 
     restored = authpool("restore", str(tmp_path / "backup.db"), "--config", str(config), "--data-dir", str(data))
     assert restored.returncode == 0, restored.stderr
-    kept = next(data.glob(f"{DATABASE_FILE}.before-restore-*"))
+    kept = next(data.glob(f"{DATABASE_FILE}.before-restore-*Z"))
     assert set(facts(kept)["usage"]) == set(acknowledged)  # type: ignore[arg-type]  # the replaced one, whole
 
     server = ServerProcess(config, data)
@@ -152,3 +152,30 @@ async def test_a_second_server_on_the_same_data_directory_is_refused(tmp_path: P
     again = SQLiteStore(tmp_path / DATABASE_FILE)  # free once the first has closed
     await again.open()
     await again.close()
+
+
+def test_restoring_over_a_damaged_database_keeps_the_damaged_files_as_they_were(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "auth-pool.json")
+    data = tmp_path / "data"
+    server = ServerProcess(config, data)
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            authpool_pb2_grpc.AuthPoolStub(channel).Allocate(pb.AllocateRequest(client_id="w1"), timeout=10)
+        made = authpool("backup", str(tmp_path / "backup.db"), "--config", str(config), "--data-dir", str(data))
+        assert made.returncode == 0, made.stderr
+    finally:
+        server.kill()  # its write-ahead log stays beside the database
+    database = data / DATABASE_FILE
+    damaged = b"\0" * 4096 + database.read_bytes()[4096:]  # the header page is gone
+    database.write_bytes(damaged)
+    wal = database.with_name(database.name + "-wal").read_bytes()
+
+    restored = authpool("restore", str(tmp_path / "backup.db"), "--config", str(config), "--data-dir", str(data))
+    assert restored.returncode == 0, restored.stderr
+    kept = next(data.glob(f"{DATABASE_FILE}.before-restore-*Z"))  # the database, not its -wal or -shm
+    assert kept.read_bytes() == damaged
+    assert kept.with_name(kept.name + "-wal").read_bytes() == wal  # moved with it, not replayed or dropped
+    assert not database.with_name(database.name + "-wal").exists()
+    assert facts(database)["doubly_leased"] == []
+    assert len(facts(database)["sequences"]) >= 1  # type: ignore[arg-type]

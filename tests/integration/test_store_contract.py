@@ -713,7 +713,8 @@ class Proxy:
     """A TCP proxy in front of PostgreSQL that a test can cut (refuse and reset) or stall (lose every byte).
 
     A stalled proxy keeps its connections open and drops what is sent either
-    way, as a network that has silently gone away does. (Holding the bytes
+    way, closes included, as a network that has silently gone away does: the
+    server keeps a session whose client gave up until its own limits end it. (Holding the bytes
     back instead would let a write the store gave up on reach the server
     later and commit: a real possibility with any networked database, and
     why a failed write makes the pool reload its state, but not this test's
@@ -751,7 +752,8 @@ class Proxy:
                 if self.flowing.is_set():
                     sink.write(data)
                     await sink.drain()
-        sink.close()
+        if self.flowing.is_set():  # a silent network does not deliver the goodbye either
+            sink.close()
 
     async def cut(self) -> None:
         """Stop listening and reset every connection: the database is gone."""
@@ -857,3 +859,104 @@ async def test_a_closed_store_refuses_calls(postgres_dsn: str, pg_schema: str) -
     for call in (store.load, store.ping, store.first_sequence, lambda: store.write(WriteBatch())):
         with pytest.raises(StoreUnavailable, match="not open"):
             await call()
+
+
+# -- PostgreSQL: replicas the network loses ----------------------------------------------
+
+
+async def test_a_replica_cut_off_while_holding_the_pool_lock_stops_the_others_only_briefly(
+    postgres_dsn: str, pg_schema: str, proxy: Proxy
+) -> None:
+    cut_off = PostgresStore(via(proxy, postgres_dsn), schema=pg_schema, connect_timeout=1)
+    other = PostgresStore(postgres_dsn, schema=pg_schema, connect_timeout=1)
+    await cut_off.open()
+    await other.open()
+    try:
+
+        def lose_the_network(seen: CatchUp) -> WriteBatch:
+            proxy.flowing.clear()  # with the pool row locked
+            return appended(seen, EventType.LEASE_GRANTED)
+
+        with pytest.raises(StoreUnavailable):
+            await cut_off.exchange(0, 0, lose_the_network)
+        # The server ends the orphaned transaction (idle in it for twice the timeout), and the lock with it.
+        started = time.monotonic()
+        version = 0
+        while not version:
+            try:
+                version = await other.exchange(0, 0, lambda seen: appended(seen, EventType.LEASE_GRANTED))
+            except StoreUnavailable:
+                assert time.monotonic() - started < 8, "the orphaned session still holds the pool row lock"
+        assert version == 1  # nothing of the cut-off write was committed
+    finally:
+        proxy.flowing.set()
+        await cut_off.close()
+        await other.close()
+
+
+async def test_a_leader_the_network_loses_hands_the_lead_to_another_replica(
+    postgres_dsn: str, pg_schema: str, proxy: Proxy
+) -> None:
+    stores = [
+        PostgresStore(via(proxy, postgres_dsn), schema=pg_schema, connect_timeout=1),
+        PostgresStore(postgres_dsn, schema=pg_schema, connect_timeout=1),
+    ]
+    for store in stores:
+        await store.open()
+    leading = [False, False]
+    told = asyncio.Event()
+
+    def follow(index: int) -> asyncio.Task[None]:
+        def lead(now: bool) -> None:
+            leading[index] = now
+            told.set()
+
+        return asyncio.create_task(stores[index].follow(lambda version: None, lead))
+
+    async def until(condition: Callable[[], bool], seconds: float) -> None:
+        async with asyncio.timeout(seconds):
+            while not condition():
+                told.clear()
+                await told.wait()
+
+    tasks = [follow(0)]
+    try:
+        await until(lambda: leading[0], 5)
+        tasks.append(follow(1))
+        await asyncio.sleep(1.5)
+        assert leading == [True, False]
+        proxy.flowing.clear()  # the leader's process lives on, its network does not
+        # It stops leading at its next poll; the server ends its silent session, freeing the lock.
+        await until(lambda: leading == [False, True], 12)
+    finally:
+        proxy.flowing.set()
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for store in stores:
+            await store.close()
+
+
+async def test_a_store_that_went_back_makes_a_replica_reload(postgres_dsn: str, pg_schema: str) -> None:
+    store = PostgresStore(postgres_dsn, schema=pg_schema)
+    await store.open()
+    try:
+        for n in range(1, 4):
+            await store.write(WriteBatch(events=[event(n)], fencing_token=n))
+        # Restored from an older backup (or failed over to a standby that lagged): version 1 again.
+        async with await psycopg.AsyncConnection.connect(postgres_dsn, autocommit=True) as conn:
+            s = sql.Identifier(pg_schema)
+            for statement in (
+                "DELETE FROM {s}.changes WHERE version > 1",
+                "DELETE FROM {s}.events WHERE sequence > 1",
+                "UPDATE {s}.pool_state SET version = 1, last_sequence = 1",
+            ):
+                await conn.execute(sql.SQL(statement).format(s=s))
+        with pytest.raises(ReplicaBehind, match="the store went back"):
+            await store.catch_up(3, 3)
+        with pytest.raises(ReplicaBehind, match="the store went back"):
+            await store.exchange(3, 3, lambda seen: pytest.fail("decided on a store behind it"))
+        assert (await store.catch_up(1, 1)).version == 1  # from where the store is, all is well
+    finally:
+        await store.close()
