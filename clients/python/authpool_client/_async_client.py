@@ -324,6 +324,11 @@ class AsyncLease(LeaseView):
                 response = await self._client.renew(state.info.lease_id, state.info.fencing_token)
             except Exception as exc:  # anything at all: the lease must never stop renewing unnoticed
                 error = exc if isinstance(exc, AuthPoolError) else AuthPoolError(f"{type(exc).__name__}: {exc}")
+                if isinstance(error, StaleFencingToken) and (moved := await self._recover()) is not None:
+                    after_failure = False
+                    if moved:
+                        await self._notify(self._on_move)
+                    continue
                 lost = state.renewal_failed(error)
                 if lost is not None:
                     log.warning("lease %s lost: %s", state.info.lease_id, error.reason)
@@ -335,6 +340,18 @@ class AsyncLease(LeaseView):
             after_failure = False
             if state.renewed(response):
                 await self._notify(self._on_move)
+
+    async def _recover(self) -> bool | None:
+        """After a stale Renew: ask a sticky Allocate for the current token (see `_lease`); None if that failed."""
+        try:
+            response = await self._client._call(self._client._stub.Allocate, self._request, None)
+        except AuthPoolError:
+            return None
+        moved = self._held.recovered(response)
+        if moved is None:  # ours is gone and that is a new lease: not this context's to keep
+            with contextlib.suppress(AuthPoolError):  # if not, it expires on its own
+                await self._client.release(response.lease.lease_id, response.lease.fencing_token)
+        return moved
 
     async def _notify(self, callback: Callable[..., object] | None, *args: object) -> None:
         if callback is None:

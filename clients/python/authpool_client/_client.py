@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -354,6 +355,11 @@ class Lease(LeaseView):
                 response = self._client._renew_future(state.info.lease_id, state.info.fencing_token).result()
             except Exception as exc:  # anything at all: the lease must never stop renewing unnoticed
                 error = from_rpc_error(exc) if isinstance(exc, grpc.RpcError) else AuthPoolError(f"{exc!r}")
+                if isinstance(error, StaleFencingToken) and (moved := self._recover()) is not None:
+                    after_failure = False
+                    if moved:
+                        self._notify(self._on_move)
+                    continue
                 lost = state.renewal_failed(error)
                 if lost is not None:
                     log.warning("lease %s lost: %s", state.info.lease_id, error.reason)
@@ -365,6 +371,18 @@ class Lease(LeaseView):
             after_failure = False
             if state.renewed(response):
                 self._notify(self._on_move)
+
+    def _recover(self) -> bool | None:
+        """After a stale Renew: ask a sticky Allocate for the current token (see `_lease`); None if that failed."""
+        try:
+            response = self._client._call(self._client._stub.Allocate, self._request, None)
+        except AuthPoolError:
+            return None
+        moved = self._held.recovered(response)
+        if moved is None:  # ours is gone and that is a new lease: not this context's to keep
+            with contextlib.suppress(AuthPoolError):  # if not, it expires on its own
+                self._client.release(response.lease.lease_id, response.lease.fencing_token)
+        return moved
 
     def _notify(self, callback: Callable[..., object] | None, *args: object) -> None:
         if callback is None:

@@ -12,6 +12,12 @@ that may pass (UNAVAILABLE after the channel's retries, a deadline, a rate
 limit) is tried again sooner; one that shows the lease is gone (NOT_FOUND,
 a stale fencing token) loses it at once, and so does reaching `expires_at`
 without a successful renewal: the server has freed the slot by then.
+
+One stale answer is not a loss: when a Renew that moved the lease loses its
+answer (the server died just after committing it) and is sent again, the
+server has already told this holder of the new token and refuses the old
+one. The lease then asks Allocate, with the same client id, which answers
+with the client's live lease and its current token (sticky), and carries on.
 """
 
 from __future__ import annotations
@@ -65,6 +71,16 @@ class LeaseState:
         if response.moved:
             self.moves += 1
         return response.moved
+
+    def recovered(self, response: pb.AllocateResponse) -> bool | None:
+        """Take the sticky Allocate asked after a stale Renew: whether the lease moved; None if it is not ours."""
+        if response.lease.lease_id != self.info.lease_id:
+            return None
+        moved = response.lease.fencing_token != self.info.fencing_token
+        self.info = LeaseInfo.from_pb(response.lease)
+        if moved:
+            self.moves += 1
+        return moved
 
     def renewal_failed(self, error: AuthPoolError) -> LeaseLost | None:
         """Take a Renew's error; the `LeaseLost` when the lease is gone for good, else None (try again)."""

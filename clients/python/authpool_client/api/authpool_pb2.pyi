@@ -436,6 +436,12 @@ class RenewRequest(_message.Message):
     caller up to the lease's current one; an older token is stale (ABORTED),
     because the caller has since been told of a newer one. A token the lease
     never had is INVALID_ARGUMENT.
+
+    A Renew whose answer was lost may have moved the lease and handed out a
+    new token; its retry then gets ABORTED (STALE_FENCING_TOKEN). The holder
+    recovers with Allocate for the same client id, which answers with the
+    client's live lease and its current token (sticky). The Python client
+    library does this itself.
     """
     def __init__(
         self,
