@@ -6,12 +6,13 @@ STAMP := $(VENV)/.installed
 CONFIG ?= authpool_server/example-config.json
 LISTEN ?= 127.0.0.1:50051
 
-.PHONY: help venv run test test-unit test-integration bench simulate lint format proto proto-check clean interop-deps k8s
+.PHONY: help venv run test test-unit test-integration bench loadtest simulate lint format proto proto-check clean interop-deps k8s
 
 help:
 	@echo "make run          serve the example config on $(LISTEN), auth off (local development only)"
 	@echo "make test         run the whole test suite"
 	@echo "make bench        run the benchmarks; figures go to var/bench/latest.json"
+	@echo "make loadtest     the guide's load-test plan against a real server; report and plot in var/loadtest/"
 	@echo "make simulate     replay the shipped traces through the balancer; report and plots in var/sim/"
 	@echo "make lint         ruff check and format check, generated code freshness"
 	@echo "make proto        regenerate the protobuf code from protos/"
@@ -39,6 +40,9 @@ test-integration: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
+
+loadtest: $(STAMP)
+	$(BIN)/python -m loadtest
 
 simulate: $(STAMP)
 	$(BIN)/authpool simulate run --out var/sim
