@@ -271,28 +271,43 @@ def _best_subscription(
     the id breaks the last tie, so the choice is deterministic. One pass: this
     runs on every new Allocate.
     """
-    threshold, horizon = pool.threshold_ppm, pool.forecast_horizon_seconds
+    threshold, horizon, cooldown = pool.threshold_ppm, pool.forecast_horizon_seconds, pool.cooldown_seconds
     best: SubscriptionLoad | None = None
-    best_key: tuple[float, int, str] | None = None
+    # The key is (projected - limit, live clients, id), smallest first; its tail is
+    # only built on a tie. Everything is inlined: this loop runs over every
+    # subscription on every new Allocate (a thousand of them at scale).
+    best_headroom = 0.0
     for load in loads:
         spec = load.spec
-        if spec.id == exclude or load.live_clients >= spec.max_clients:
+        clients = load.live_clients
+        if clients >= spec.max_clients or spec.id == exclude:
             continue
         if wanted_type and spec.type != wanted_type:
             continue
-        # subscription_status(...) is ACTIVE, spelled out: this loop is the hot path.
-        if load.disabled or load.draining or cooling_down(load, pool, now):
+        # subscription_status(...) is ACTIVE, spelled out.
+        if load.disabled or load.draining or (load.rate_limited_at > 0 and now < load.rate_limited_at + cooldown):
             continue
         if load.extra_usage_micros and _extra_status(load, threshold) is not SubscriptionStatus.ACTIVE:
             continue
+        usage = load.window_usage_micros
         limit = spec.weekly_budget_micros * threshold // PPM
-        if load.window_usage_micros >= limit:
+        if usage >= limit:
             continue
         remaining = load.window_end - now
-        projected = load.window_usage_micros + (_spend_rate(load, horizon, now) * remaining if remaining > 0 else 0)
-        key = (projected - limit, load.live_clients, spec.id)
-        if best_key is None or key < best_key:
-            best, best_key = load, key
+        recent = load.recent_spend_micros
+        if remaining > 0 and recent:  # else the projection is today's spend (_spend_rate 0)
+            observed = now - load.window_start  # _spend_rate(load, horizon, now), inlined
+            if observed > horizon:
+                observed = horizon
+            headroom = usage + (recent / observed if observed >= 60 else 0.0) * remaining - limit
+        else:
+            headroom = usage - limit
+        if best is not None and (
+            headroom > best_headroom
+            or (headroom == best_headroom and (clients, spec.id) >= (best.live_clients, best.spec.id))
+        ):
+            continue
+        best, best_headroom = load, headroom
     return best
 
 

@@ -13,6 +13,7 @@ the operator's flags (`SubscriptionFlags`).
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass
 
@@ -37,6 +38,7 @@ class SubscriptionFlags:
 class SubscriptionLedger:
     __slots__ = (
         "_auth_failures_in_a_row",
+        "_forget_due",
         "_load",
         "_outcomes",
         "_pool",
@@ -70,6 +72,8 @@ class SubscriptionLedger:
         self._outcomes: deque[tuple[float, bool]] = deque()
         self._recent_errors = 0
         self._load: SubscriptionLoad | None = None
+        # From when `load` has history to forget (-inf: look now); see `_forget_before`.
+        self._forget_due = -math.inf
         # The provider's own account, when it gave one this window: what it
         # says is used, plus what we recorded since it said so.
         self._provider_used: int | None = None
@@ -104,6 +108,7 @@ class SubscriptionLedger:
         self.spec = spec
         self._pool = pool
         self._load = None
+        self._forget_due = -math.inf  # the horizons may have changed
 
     def add_clients(self, count: int) -> None:
         self.live_clients += count
@@ -122,6 +127,7 @@ class SubscriptionLedger:
         self._provider_used = None
         self._since_provider = 0
         self._load = None
+        self._forget_due = -math.inf  # spend from before the new window is forgotten at once
 
     def roll_extra(self, index: int, window: tuple[float, float], usage: int) -> None:
         """Enter a new period of extra window `index`, with `usage` spent in it so far."""
@@ -167,10 +173,12 @@ class SubscriptionLedger:
         elif outcome is Outcome.OK:
             self._auth_failures_in_a_row = 0
         self._load = None
+        self._forget_due = -math.inf
 
     def load(self, now: float) -> SubscriptionLoad:
         """The subscription as the balancer sees it at `now`."""
-        self._forget_before(now)
+        if now >= self._forget_due:  # every new Allocate reads every subscription's load: only look when due
+            self._forget_before(now)
         if self._load is None:
             self._load = SubscriptionLoad(
                 spec=self.spec,
@@ -198,3 +206,11 @@ class SubscriptionLedger:
         while self._outcomes and self._outcomes[0][0] < errors_since:
             self._recent_errors -= self._outcomes.popleft()[1]
             self._load = None
+        # Nothing more leaves either history before its oldest entry ages out of
+        # the horizon (or the error window); what changes that resets this.
+        due = math.inf
+        if self._spend:
+            due = self._spend[0][0] + self._pool.forecast_horizon_seconds
+        if self._outcomes:
+            due = min(due, self._outcomes[0][0] + self._pool.error_window_seconds)
+        self._forget_due = due

@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
+import math
 import time
 import uuid
 from collections import deque
@@ -80,6 +82,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _PRUNE_EVERY_SECONDS = 600.0
+# The usage log is in time order, but for a clock step back or a record another replica wrote a
+# moment earlier and this one learned of later: reading it back from the newest end, `_usage_since`
+# goes this far past the start before it stops.
+_USAGE_ORDER_SLACK_SECONDS = 600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,6 +190,28 @@ def _written_keys(batch: WriteBatch) -> Iterator[str]:
 _Result = TypeVar("_Result")
 
 
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """No cyclic garbage collection while the state loads; what it loaded is then frozen.
+
+    Loading creates an object or more per retained row (a million usage
+    records at scale), all long-lived: the collector would traverse the
+    growing heap over and over while they pile up (a sixth of a restart's
+    time), and every full collection after it would traverse them all again
+    (a third of a second per million records, soon after the start).
+    `gc.freeze()` leaves them out of collections; reference counting still
+    frees each one when it is pruned.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        if enabled:
+            gc.enable()
+
+
 class Pool:
     """Owns the pool's state; every change goes through one of its methods."""
 
@@ -224,6 +252,8 @@ class Pool:
         self._unsettled: dict[str, int] = {}
         self._healthy = False
         self._last_prune = 0.0
+        # No budget window ends before this: until then `_advance` has nothing to roll (-inf: look).
+        self._next_roll = -math.inf
         self._reaper: asyncio.Task[None] | None = None
         self._observers: list[PoolObserver] = []
         self._rules = Rules(spec.notification_rules)
@@ -231,6 +261,7 @@ class Pool:
         # Set when new notifications are durable: the webhook dispatcher waits on it.
         self.outbox_wakeup = asyncio.Event()
         self._pool_exhausted = False
+        self._flags: dict[str, SubscriptionFlags] = {}  # the newest flags of every subscription, by id
         # Subscriptions a reloaded config removed, draining until their last
         # client leaves, with the flags they had (restored if they come back).
         self._retired: dict[str, SubscriptionFlags] = {}
@@ -239,8 +270,9 @@ class Pool:
 
     async def start(self, *, background: bool = True) -> None:
         """Open the store, rebuild state from it and start committing."""
-        snapshot = await self._store.open()
-        self._rebuild(snapshot, await self._last_change_at(snapshot))
+        with _collector_paused():
+            snapshot = await self._store.open()
+            self._rebuild(snapshot, await self._last_change_at(snapshot))
         if self._locked is not None and self._shared is not None:
             self._locked.start()
             self._follower = asyncio.create_task(
@@ -309,12 +341,15 @@ class Pool:
             spec.id: SubscriptionLedger(spec, self.spec, balancer.window_bounds(now, spec.reset))
             for spec in self.spec.subscriptions
         }
+        self._next_roll = -math.inf
         # Removed subscriptions still draining are not rebuilt: their clients
         # are moved at their next call, as for any subscription not in the pool.
         self._retired = {}
         for ledger in self._ledgers.values():
             for index, window in enumerate(ledger.spec.extra_windows):
                 ledger.roll_extra(index, balancer.extra_window_bounds(now, window), 0)
+        # Every subscription's flags, configured or not: one that comes back keeps them.
+        self._flags = {flags.subscription_id: flags for flags in snapshot.flags}
         for flags in snapshot.flags:
             if flags.subscription_id in self._ledgers:
                 self._ledgers[flags.subscription_id].set_flags(flags)
@@ -379,12 +414,24 @@ class Pool:
         ledger.roll(window, self._usage_since(ledger.spec.id, window[0]))
 
     def _usage_since(self, subscription_id: str, start: float) -> int:
-        """A subscription's spend from `start` on, from the usage log."""
-        return sum(
-            record.cost_micros
-            for record in self._usage_log
-            if record.subscription_id == subscription_id and not record.fallback and record.at >= start
-        )
+        """A subscription's spend from `start` on, from the usage log.
+
+        Read from the newest record back: when a week's windows roll (every
+        subscription's at once, Monday 00:00 UTC by default) each reads only
+        the few records since, not the whole retention (a thousand
+        subscriptions times a million records would stall every call for a
+        minute).
+        """
+        stop = start - _USAGE_ORDER_SLACK_SECONDS
+        total = 0
+        for record in reversed(self._usage_log):
+            if record.at < start:
+                if record.at < stop:
+                    break
+                continue
+            if record.subscription_id == subscription_id and not record.fallback:
+                total += record.cost_micros
+        return total
 
     # -- helpers -------------------------------------------------------------
 
@@ -399,6 +446,24 @@ class Pool:
 
     def _loads(self, now: float) -> list[SubscriptionLoad]:
         return [ledger.load(now) for ledger in self._ledgers.values()]
+
+    def _placement(self, lease: Lease | None, wanted_type: str, now: float) -> Placement | Refusal:
+        """`balancer.decide_allocation` for `lease` (None: a new client), reading as few loads as it can.
+
+        Whether a lease may stay depends on its own subscription's load alone
+        (`balancer._can_keep`), so a sticky answer, the common one for Renew and
+        a repeated Allocate, is decided from that one load; only a move, a
+        fallback lease or a new client reads every subscription's (a thousand
+        at scale). Same inputs, same decision: this only skips reading loads
+        the balancer would not look at.
+        """
+        if lease is not None and not lease.fallback:
+            ledger = self._ledgers.get(lease.subscription_id)
+            if ledger is not None:
+                decision = balancer.decide_allocation((ledger.load(now),), self.spec, lease, wanted_type, now)
+                if isinstance(decision, Placement) and decision.kind is DecisionKind.STICKY:
+                    return decision
+        return balancer.decide_allocation(self._loads(now), self.spec, lease, wanted_type, now)
 
     def _status(self, subscription_id: str, now: float) -> SubscriptionStatus:
         return balancer.subscription_status(self._ledgers[subscription_id].load(now), self.spec, now)
@@ -447,18 +512,24 @@ class Pool:
 
     def _advance(self, now: float, batch: WriteBatch) -> None:
         """Roll every budget window that `now` has left."""
+        if now < self._next_roll:
+            return  # the common case: this runs before every decision, over every subscription
+        next_roll = math.inf
         for subscription_id, ledger in self._ledgers.items():
             rolled = False
             if now >= ledger.window[1]:
                 self._roll_window(ledger, now)
                 rolled = True
-            for index, (_, end) in enumerate(ledger.extra_windows):
+            # Most subscriptions have no extra window; this loop runs over all of them before every decision.
+            for index, (_, end) in enumerate(ledger.extra_windows) if ledger.extra_windows else ():
                 if now >= end:
                     window = balancer.extra_window_bounds(now, ledger.spec.extra_windows[index])
                     ledger.roll_extra(index, window, self._usage_since(subscription_id, window[0]))
                     rolled = True
             if rolled:
                 self._note_status(subscription_id, batch, now)
+            next_roll = min(next_roll, ledger.window[1], *(end for _, end in ledger.extra_windows))
+        self._next_roll = next_roll
 
     def _live_lease(self, lease_id: str, now: float, batch: WriteBatch) -> Lease | None:
         lease = self._leases.get(lease_id)
@@ -604,8 +675,9 @@ class Pool:
             # Their status changes were noted there: noting them again here would repeat the events.
             if event.type is EventType.SUBSCRIPTION_STATUS_CHANGED and event.subscription_id in self._ledgers:
                 self._statuses[event.subscription_id] = SubscriptionStatus(dict(event.attributes)["to"])
-            elif event.type is EventType.POOL_EXHAUSTED:
-                self._pool_exhausted = True
+        if seen.changes:
+            # As the others left it: a pool they ran dry was announced there; one they refilled may run dry here.
+            self._pool_exhausted = self._no_subscription_active(self._clock())
         self._sequence = max(self._sequence, seen.last_sequence)
         self._token = max(self._token, seen.fencing_token)
         self.version = seen.version
@@ -635,11 +707,27 @@ class Pool:
             if record.request_id not in self._request_ids:
                 self._count_usage(record)
         for flags in change.flags:
-            if flags.subscription_id in self._ledgers:
+            self._flags[flags.subscription_id] = flags
+            if flags.subscription_id in self._retired:
+                self._retired[flags.subscription_id] = flags  # it stays out of rotation while retired here
+            elif flags.subscription_id in self._ledgers:
                 self._ledgers[flags.subscription_id].set_flags(flags)
         self.outbox.adopt(change.outbox)
         if change.prune is not None:
             self._forget(change.prune)
+
+    async def caught_up_to(self, sequence: int, *, seconds: float = 2.0) -> None:
+        """Return once this replica has published `sequence`, or after `seconds`.
+
+        A watcher resuming here with a cursor from another replica may be a
+        moment ahead of this one; without replicas, there is nothing to wait for.
+        """
+        if self._locked is None or sequence <= self.events.last_sequence:
+            return
+        self._locked.catch_up_soon()
+        deadline = time.monotonic() + seconds
+        while self.events.last_sequence < sequence and time.monotonic() < deadline:  # noqa: ASYNC110 - rare path
+            await asyncio.sleep(0.01)
 
     def committed(self, batch: WriteBatch, version: int) -> None:
         """The locked committer wrote this replica's `batch` as `version`."""
@@ -678,7 +766,7 @@ class Pool:
             raise InvalidArgument([("subscription_type", f"the pool has no subscription of type {wanted_type!r}")])
         lease_id = self._lease_of_client.get(client_id)
         current = self._live_lease(lease_id, now, batch) if lease_id else None
-        decision = balancer.decide_allocation(self._loads(now), self.spec, current, wanted_type, now)
+        decision = self._placement(current, wanted_type, now)
         if isinstance(decision, Refusal):
             raise PoolExhausted(decision.reason, decision.retry_after_seconds)
         if current is not None and decision.kind is DecisionKind.STICKY:
@@ -752,7 +840,7 @@ class Pool:
         if lease is None:
             raise LeaseNotFound(lease_id)
         self._check_token(lease, fencing_token)
-        decision = balancer.decide_renewal(self._loads(now), self.spec, lease, now)
+        decision = self._placement(lease, lease.wanted_type, now)  # balancer.decide_renewal
         if isinstance(decision, Refusal):
             raise PoolExhausted(decision.reason, decision.retry_after_seconds)
         if decision.kind is not DecisionKind.STICKY:
@@ -854,6 +942,8 @@ class Pool:
         if record.fallback:
             self._fallback_usage += record.cost_micros
         elif in_ledger and record.subscription_id in self._ledgers:
+            if record.provider_reset_at:
+                self._next_roll = -math.inf  # the provider's reset time may end the window sooner
             self._ledgers[record.subscription_id].record(
                 record.at,
                 record.cost_micros,
@@ -980,10 +1070,17 @@ class Pool:
         has); changed budgets, limits and schedules take effect for the next
         decision. Webhook delivery is wired at start and stays as it was.
         """
-        return await self._apply(lambda now, batch: self._reconfigure(spec, now, batch))
+        running, rules = self.spec, self._rules
+        try:
+            return await self._apply(lambda now, batch: self._reconfigure(spec, now, batch))
+        except BaseException:
+            # Not durable: the reload that follows a failed write must rebuild the running config.
+            self.spec, self._rules = running, rules
+            raise
 
     def _reconfigure(self, spec: PoolSpec, now: float, batch: WriteBatch) -> Reconfiguration:
         spec = replace(spec, webhooks_enabled=self.spec.webhooks_enabled)
+        self._next_roll = -math.inf  # subscriptions may join, and schedules change
         before = {sub.id: sub for sub in self.spec.subscriptions}
         after = {sub.id: sub for sub in spec.subscriptions}
         pool_changed = replace(self.spec, subscriptions=()) != replace(spec, subscriptions=())
@@ -1001,10 +1098,7 @@ class Pool:
                     added.append(sub.id)
                 elif sub != before.get(sub.id):
                     changed.append(sub.id)
-                schedule_changed = ledger.spec.reset != sub.reset or ledger.spec.extra_windows != sub.extra_windows
-                ledger.respec(sub, spec)
-                if schedule_changed:
-                    self._roll_window(ledger, now)
+                self._reschedule(ledger, sub, spec, now)
             self._note_status(sub.id, batch, now)
         removed = [sid for sid in self._ledgers if sid not in after and sid not in self._retired]
         for sid in removed:
@@ -1029,9 +1123,35 @@ class Pool:
         )
         return Reconfiguration(tuple(added), tuple(removed), tuple(changed), pool_changed, moved)
 
+    def _reschedule(self, ledger: SubscriptionLedger, sub: SubscriptionSpec, spec: PoolSpec, now: float) -> None:
+        """Give `ledger` the reloaded `sub`, re-reckoning only the windows whose schedule changed.
+
+        A budget alone changing keeps the window, and what the provider said
+        about it; a new weekly reset or a new extra-window length or anchor
+        recounts that window's spend from the usage log.
+        """
+        old = ledger.spec
+        reset_changed = old.reset != sub.reset
+        if len(old.extra_windows) == len(sub.extra_windows):
+            moved = [
+                index
+                for index, (before, after) in enumerate(zip(old.extra_windows, sub.extra_windows, strict=True))
+                if (before.length_seconds, before.anchor) != (after.length_seconds, after.anchor)
+            ]
+        else:
+            moved = list(range(len(sub.extra_windows)))
+        ledger.respec(sub, spec)
+        if reset_changed:
+            self._roll_window(ledger, now)
+        for index in moved:
+            window = balancer.extra_window_bounds(now, sub.extra_windows[index])
+            ledger.roll_extra(index, window, self._usage_since(sub.id, window[0]))
+
     def _new_ledger(self, sub: SubscriptionSpec, now: float) -> SubscriptionLedger:
         """A ledger for a subscription that joins the pool: its spend and clients from what memory holds."""
         ledger = SubscriptionLedger(sub, self.spec, balancer.window_bounds(now, sub.reset))
+        if sub.id in self._flags:
+            ledger.set_flags(self._flags[sub.id])  # drained before it left the config: still drained
         self._roll_window(ledger, now)
         for index, window in enumerate(sub.extra_windows):
             bounds = balancer.extra_window_bounds(now, window)
@@ -1052,6 +1172,7 @@ class Pool:
         resumed_at = ledger.flags.resumed_at if draining else now
         flags = SubscriptionFlags(subscription_id, draining=draining, resumed_at=resumed_at)
         ledger.set_flags(flags)
+        self._flags[subscription_id] = flags
         batch.flags.append(flags)
         self._event(
             batch,

@@ -394,6 +394,8 @@ class AuthPoolService(authpool_pb2_grpc.AuthPoolServicer):
 
         sent = after_sequence  # the last sequence handed to the transport: where a resume starts
         try:
+            # A cursor from another replica may be a moment ahead of this one.
+            await self._pool.caught_up_to(after_sequence)
             # Headers first: the caller knows at once that its stream is open.
             await context.send_initial_metadata(())
             stream = self._pool.events.watch(after_sequence, only=only, progress_seconds=progress_seconds, on_lag=cut)

@@ -20,6 +20,14 @@ figures): a ratio measured with a dead or lagging watcher is not reported.
 `allocate_watched_all` (not in the default schedule; see BENCH_SCENARIOS)
 does the same with 100 unfiltered streams, each event to every one.
 
+Then, each in a process of its own and after the servers have stopped, the
+long phases: `bench.soak` (a million lease lifecycles through the pool on
+its SQLite store in one process, with a simulated clock over three weeks:
+``soak_rss_growth`` and what else grew after the warm-up), `bench.soak_rpc`
+(lifecycles over gRPC through a server as deployed: descriptors, threads,
+tasks) and `bench.scale` (1,000 subscriptions, 15,000 live leases and a
+million usage records: ``recovery_s`` and ``scale_p50_ratio``).
+
 Prints a markdown table and the targets (PASS or MISSED), and writes every
 figure to ``var/bench/latest.json``. The exit code is 0 whether or not the
 targets are met; it is non-zero only when the benchmark itself failed.
@@ -28,8 +36,13 @@ Settings come from flags, or from the environment for `make bench`:
 BENCH_DURATION (measured seconds per run, default 5), BENCH_WARMUP (default
 1.5), BENCH_ROUNDS (default 2), BENCH_CONCURRENCY (default 16),
 BENCH_CLIENTS (load processes sharing the concurrency, default 1),
-BENCH_SCENARIOS (an explicit comma-separated schedule instead of the rounds),
-BENCH_OUT (default var/bench/latest.json).
+BENCH_SCENARIOS (an explicit comma-separated schedule instead of the rounds;
+the phases soak, soak_rpc and scale may be named in it too, and only those
+named then run), BENCH_SOAK_LIFECYCLES (default 1,000,000),
+BENCH_SOAK_RPC_SEGMENTS and BENCH_SOAK_RPC_SECONDS (default 5 of 6 s),
+BENCH_SCALE_SUBSCRIPTIONS, BENCH_SCALE_LEASES, BENCH_SCALE_USAGE (default
+1,000, 15,000 and 1,000,000), BENCH_SCALE_RESTARTS (default 3), BENCH_OUT
+(default var/bench/latest.json).
 """
 
 from __future__ import annotations
@@ -86,6 +99,8 @@ LOAD = {
     "allocate_watched": "allocate",
     "allocate_watched_all": "allocate",
 }
+# The long phases, each a process of its own run after the servers above have stopped.
+PHASES = ("soak", "soak_rpc", "scale")
 # Scenarios run against the untraced server while `bench.watchers` holds streams open: what they follow.
 WATCHED = {"allocate_watched": "subscription", "allocate_watched_all": "all"}
 WATCHERS = 100
@@ -103,6 +118,9 @@ TARGETS: tuple[tuple[str, str, str, float, str | None], ...] = (
     ("interceptor_overhead <= 0.15", "interceptor_overhead", "<=", 0.15, None),
     ("pg1_ratio >= 0.4", "pg1_ratio", ">=", 0.4, None),
     ("watchers_ratio >= 0.9", "watchers_ratio", ">=", 0.9, None),
+    ("soak_rss_growth <= 0.05", "soak_rss_growth", "<=", 0.05, None),
+    ("scale_p50_ratio <= 1.5", "scale_p50_ratio", "<=", 1.5, None),
+    ("recovery_s <= 2.0", "recovery_s", "<=", 2.0, None),
 )
 
 
@@ -128,15 +146,22 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--scenarios",
         default=_env("BENCH_SCENARIOS", ""),
-        help=f"an explicit comma-separated schedule from {', '.join(SCENARIOS)}, instead of the rounds",
+        help=f"an explicit comma-separated schedule from {', '.join(SCENARIOS)}, instead of the rounds; "
+        f"with any of the phases {', '.join(PHASES)}, only the phases named run",
+    )
+    parser.add_argument(
+        "--soak-lifecycles", type=int, default=int(_env("BENCH_SOAK_LIFECYCLES", "1000000")), help="bench.soak"
     )
     parser.add_argument("--subscriptions", type=int, default=20)
     parser.add_argument("--sticky-fraction", type=float, default=0.5)
     parser.add_argument("--out", type=Path, default=Path(_env("BENCH_OUT", str(DEFAULT_OUT))))
     parser.add_argument("--keep-data", action="store_true", help="keep the server's data directory")
     args = parser.parse_args(argv)
+    args.phases = list(PHASES)
     if args.scenarios:
-        args.schedule = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+        named = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+        args.schedule = [s for s in named if s not in PHASES]
+        args.phases = [s for s in PHASES if s in named]
     else:
         rounds: list[str] = []
         for index in range(max(1, args.rounds)):
@@ -680,9 +705,48 @@ def _table(scenarios: dict[str, dict[str, Any]]) -> str:
     return "\n".join(rows)
 
 
+def _phase_lines(result: dict[str, Any]) -> list[str]:
+    lines = []
+    soak = result.get("soak")
+    if soak is not None and soak["growth"]["measured"]:
+        growth, last = soak["growth"], soak["samples"][-1]
+        lines.append(
+            f"soak: {soak['lifecycles']:,} lifecycles through the pool in one process "
+            f"({soak['lifecycles_per_s']:,.0f}/s, {soak['pool_days']:.0f} days of pool time); after the warm-up "
+            f"(day {soak['warmup_days']:.1f}, lifecycle {growth['from_lifecycle']:,}) RSS "
+            f"{_fmt(100 * growth['rss_growth'])} % (peak {_fmt(100 * growth['rss_peak_growth'])} %, "
+            f"{last['rss_bytes'] / 2**20:.0f} MiB), fds {growth['open_fds_growth']:+d}, threads "
+            f"{growth['threads_growth']:+d}, asyncio tasks {growth['asyncio_tasks_growth']:+d}, live authpool_server "
+            f"objects {growth['own_objects_total_growth']:+,} of {last['own_objects_total']:,} "
+            f"({last['pool']['usage_records']:,} usage records kept)"
+        )
+    soak_rpc = result.get("soak_rpc")
+    if soak_rpc is not None:
+        growth = soak_rpc["growth"]
+        lines.append(
+            f"soak over gRPC: {soak_rpc['lifecycles']:,} lifecycles through a server as deployed; after the first "
+            f"segment fds {growth['open_fds_growth']:+d}, threads {growth['threads_growth']:+d}, asyncio tasks "
+            f"{growth['asyncio_tasks_growth']:+d}, RSS {_fmt(100 * growth['rss_growth'])} % "
+            f"({_fmt(growth['rss_bytes_per_usage_record'], 0)} bytes per usage record kept, all within retention)"
+        )
+    scale = result.get("scale")
+    if scale is not None:
+        small, big, state = scale["allocate_small"], scale["allocate_scale"], scale["state"]
+        lines.append(
+            f"scale: {state['subscriptions']:,} subscriptions, {state['live_leases']:,} live leases, "
+            f"{state['usage_records']:,} usage records: SERVING "
+            f"{', '.join(format(r['seconds_to_serving'], '.2f') for r in scale['restarts'])} s after spawning "
+            f"(Server.start() {_fmt(scale['recovery_start_s'])} s, RSS "
+            f"{scale['restarts'][-1]['rss_bytes'] / 2**20:.0f} MiB); Allocate p50 {_fmt(big['p50_ms'])} ms vs "
+            f"{_fmt(small['p50_ms'])} ms on 3 subscriptions, server CPU {_fmt(big['server_cpu_us_per_rpc'], 0)} vs "
+            f"{_fmt(small['server_cpu_us_per_rpc'], 0)} µs per Allocate (ratio {_fmt(scale['scale_cpu_ratio'])})"
+        )
+    return lines
+
+
 def _report(result: dict[str, Any]) -> str:
     scenarios = result["scenarios"]
-    lines = [_table(scenarios), ""]
+    lines = [_table(scenarios), ""] if scenarios else []
     for name, figures in scenarios.items():
         rates = ", ".join(f"{run['rps']:,.0f}" for run in figures["per_run"])
         lines.append(f"{name} rps per run, in order: {rates}")
@@ -704,6 +768,7 @@ def _report(result: dict[str, Any]) -> str:
                 f"{_fmt(result.get(key + '_cpu_ratio'))}; {_fmt(result.get(key + '_messages_per_allocate'))} "
                 f"messages per Allocate, {_fmt(result.get(key + '_server_us_per_message'), 0)} µs server CPU each"
             )
+    lines.extend(_phase_lines(result))
     lines.append("")
     for target in result["targets"]:
         verdict = {True: "PASS", False: "MISSED", None: "NOT MEASURED"}[target["met"]]
@@ -733,6 +798,86 @@ def _simulator_figures() -> dict[str, Any]:
     return json.loads(out.stdout)
 
 
+def _run_phases(args: argparse.Namespace) -> dict[str, Any]:
+    """The long phases (soak, soak_rpc, scale), one after the other, each in a process of its own."""
+    commands = {
+        "soak": ["-m", "bench.soak", "--lifecycles", str(args.soak_lifecycles)],
+        "soak_rpc": ["-m", "bench.soak_rpc"],
+        "scale": ["-m", "bench.scale"],
+    }
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="phases-", dir=args.out.parent) as phase_dir:
+        for phase in args.phases:
+            print(f"{phase} ...", file=sys.stderr, flush=True)
+            out = Path(phase_dir) / f"{phase}.json"
+            command = [sys.executable, *commands[phase], "--work-dir", str(args.out.parent), "--out", str(out)]
+            subprocess.run(command, cwd=ROOT, check=True)
+            results[phase] = json.loads(out.read_text())
+    return results
+
+
+def _phase_figures(phases: dict[str, Any]) -> dict[str, Any]:
+    """The phases' headline figures, flat beside the others."""
+    flat: dict[str, Any] = {}
+    soak = phases.get("soak")
+    if soak is not None:
+        growth = soak["growth"]
+        flat["soak_lifecycles"] = soak["lifecycles"]
+        flat["soak_lifecycles_per_s"] = soak["lifecycles_per_s"]
+        if growth["measured"]:
+            flat["soak_rss_growth"] = growth["rss_growth"]
+            flat["soak_rss_peak_growth"] = growth["rss_peak_growth"]
+            for key in ("open_fds", "threads", "asyncio_tasks", "own_objects_total"):
+                flat[f"soak_{key}_growth"] = growth[f"{key}_growth"]
+            flat["soak_rss_mib_after_warmup"] = soak["samples"][-1]["rss_bytes"] / 2**20
+    soak_rpc = phases.get("soak_rpc")
+    if soak_rpc is not None:
+        growth = soak_rpc["growth"]
+        flat["soak_rpc_lifecycles"] = soak_rpc["lifecycles"]
+        for key in ("open_fds", "threads", "asyncio_tasks"):
+            flat[f"soak_rpc_{key}_growth"] = growth[f"{key}_growth"]
+        flat["soak_rpc_rss_bytes_per_usage_record"] = growth["rss_bytes_per_usage_record"]
+    scale = phases.get("scale")
+    if scale is not None:
+        for key in ("scale_p50_ratio", "scale_p99_ratio", "scale_cpu_ratio", "recovery_s", "recovery_start_s"):
+            flat[key] = scale[key]
+        flat["scale_rss_mib_after_restart"] = scale["restarts"][-1]["rss_bytes"] / 2**20
+    return flat
+
+
+def _phase_problems(phases: dict[str, Any]) -> list[str]:
+    problems = []
+    soak = phases.get("soak")
+    if soak is not None:
+        growth = soak["growth"]
+        if not growth["measured"]:
+            problems.append("soak: the run ended before its warm-up did; no growth measured")
+        else:
+            for key in ("open_fds", "threads", "asyncio_tasks"):
+                if growth[f"{key}_growth"] > 0:
+                    problems.append(f"soak: {key} grew by {growth[f'{key}_growth']} after the warm-up")
+            base = soak["samples"][-1]["own_objects_total"] - growth["own_objects_total_growth"]
+            if growth["own_objects_total_growth"] > 0.01 * base + 100:
+                problems.append(
+                    f"soak: live objects of authpool_server types grew by {growth['own_objects_total_growth']:,} "
+                    f"after the warm-up: {growth['own_objects_growth']}"
+                )
+    soak_rpc = phases.get("soak_rpc")
+    if soak_rpc is not None:
+        for key in ("open_fds", "threads", "asyncio_tasks"):
+            if soak_rpc["growth"][f"{key}_growth"] > 0:
+                problems.append(f"soak_rpc: the server's {key} grew by {soak_rpc['growth'][f'{key}_growth']}")
+    scale = phases.get("scale")
+    if scale is not None:
+        for name in ("allocate_small", "allocate_scale"):
+            figures = scale[name]
+            if figures["errors"] or figures["unexpected"]:
+                problems.append(
+                    f"scale: {name}: {figures['errors']} calls failed, {figures['unexpected']} unexpected answers"
+                )
+    return problems
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     machine = _machine()
     started = time.monotonic()
@@ -742,64 +887,69 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     raw: dict[str, list[list[dict[str, Any]]]] = {}
     watched_raw: dict[str, list[dict[str, Any]]] = {}
     token = secrets.token_hex(24)
+    spans_exported, store = 0, None
     try:
-        with contextlib.ExitStack() as stack:
-            sink = stack.enter_context(OtlpSink())
-            full_env = {"BENCH_TOKEN": token, "OTEL_EXPORTER_OTLP_ENDPOINT": sink.endpoint}
-            full = stack.enter_context(_server(work_dir, args.subscriptions, "full", full_env))
-            untraced = stack.enter_context(
-                _server(work_dir, args.subscriptions, "full", {"BENCH_TOKEN": token}, "untraced")
-            )
-            bare = stack.enter_context(_server(work_dir, args.subscriptions, "off", {}))
-            servers = [full, untraced, bare]
-            pg: list[ServerProcess] = []
-            if "allocate_pg" in args.schedule:
-                pg_env, pg_extra = stack.enter_context(_postgres_schema())
-                pg.append(stack.enter_context(_server(work_dir, args.subscriptions, "off", pg_env, "pg", pg_extra)))
-            pg2: list[ServerProcess] = []
-            if "allocate_pg2" in args.schedule:
-                pg_env, pg_extra = stack.enter_context(_postgres_schema())
-                for name in ("pg2a", "pg2b"):
-                    replica = _server(work_dir, args.subscriptions, "off", pg_env, name, pg_extra)
-                    pg2.append(stack.enter_context(replica))
-            servers += pg + pg2
-            for server in servers:
-                print(f"server pid {server.pid} on {server.target}; data in {server.data_dir}", file=sys.stderr)
-            for index, scenario in enumerate(args.schedule):
-                print(f"[{index + 1}/{len(args.schedule)}] {scenario} ...", file=sys.stderr, flush=True)
-                targets, server_token = {
-                    "allocate_bare": ([bare], ""),
-                    "allocate_pg": (pg, ""),
-                    "allocate_pg2": (pg2, ""),
-                    "allocate_untraced": ([untraced], token),
-                    "allocate_watched": ([untraced], token),
-                    "allocate_watched_all": ([untraced], token),
-                }.get(scenario, ([full], token))
-                server = targets[0]
-                follow = WATCHED.get(scenario)
-                with (
-                    _watchers(server, follow, args.subscriptions, index, work_dir, server_token)
-                    if follow is not None
-                    else contextlib.nullcontext({})
-                ) as watched:
-                    raw.setdefault(scenario, []).append(
-                        _run_scenario(args, targets, scenario, index, work_dir, server_token)
-                    )
-                if follow is not None:
-                    watched_raw.setdefault(scenario, []).append(watched)
-        spans_exported = sink.spans
-        store = _store_counts(work_dir / "data-full")
+        if args.schedule:  # else only the phases run
+            with contextlib.ExitStack() as stack:
+                sink = stack.enter_context(OtlpSink())
+                full_env = {"BENCH_TOKEN": token, "OTEL_EXPORTER_OTLP_ENDPOINT": sink.endpoint}
+                full = stack.enter_context(_server(work_dir, args.subscriptions, "full", full_env))
+                untraced = stack.enter_context(
+                    _server(work_dir, args.subscriptions, "full", {"BENCH_TOKEN": token}, "untraced")
+                )
+                bare = stack.enter_context(_server(work_dir, args.subscriptions, "off", {}))
+                servers = [full, untraced, bare]
+                pg: list[ServerProcess] = []
+                if "allocate_pg" in args.schedule:
+                    pg_env, pg_extra = stack.enter_context(_postgres_schema())
+                    pg.append(stack.enter_context(_server(work_dir, args.subscriptions, "off", pg_env, "pg", pg_extra)))
+                pg2: list[ServerProcess] = []
+                if "allocate_pg2" in args.schedule:
+                    pg_env, pg_extra = stack.enter_context(_postgres_schema())
+                    for name in ("pg2a", "pg2b"):
+                        replica = _server(work_dir, args.subscriptions, "off", pg_env, name, pg_extra)
+                        pg2.append(stack.enter_context(replica))
+                servers += pg + pg2
+                for server in servers:
+                    print(f"server pid {server.pid} on {server.target}; data in {server.data_dir}", file=sys.stderr)
+                for index, scenario in enumerate(args.schedule):
+                    print(f"[{index + 1}/{len(args.schedule)}] {scenario} ...", file=sys.stderr, flush=True)
+                    targets, server_token = {
+                        "allocate_bare": ([bare], ""),
+                        "allocate_pg": (pg, ""),
+                        "allocate_pg2": (pg2, ""),
+                        "allocate_untraced": ([untraced], token),
+                        "allocate_watched": ([untraced], token),
+                        "allocate_watched_all": ([untraced], token),
+                    }.get(scenario, ([full], token))
+                    server = targets[0]
+                    follow = WATCHED.get(scenario)
+                    with (
+                        _watchers(server, follow, args.subscriptions, index, work_dir, server_token)
+                        if follow is not None
+                        else contextlib.nullcontext({})
+                    ) as watched:
+                        raw.setdefault(scenario, []).append(
+                            _run_scenario(args, targets, scenario, index, work_dir, server_token)
+                        )
+                    if follow is not None:
+                        watched_raw.setdefault(scenario, []).append(watched)
+            spans_exported = sink.spans
+            store = _store_counts(work_dir / "data-full")
     finally:
         if not args.keep_data:
             shutil.rmtree(work_dir, ignore_errors=True)
+    simulator: dict[str, Any] = {}
+    if args.schedule:
+        print("simulator: replaying the shipped traces ...", file=sys.stderr, flush=True)
+        simulator = _simulator_figures()  # after the server has stopped: the two would share the CPUs
+    phases = _run_phases(args)
     machine["loadavg_after"] = list(os.getloadavg())
-    print("simulator: replaying the shipped traces ...", file=sys.stderr, flush=True)
-    simulator = _simulator_figures()  # after the server has stopped: the two would share the CPUs
 
     scenarios = {name: _scenario_figures(raw[name], args.duration) for name in SCENARIOS if name in raw}
     for name, runs in watched_raw.items():
         scenarios[name]["watchers"] = _watcher_figures(runs)
-    flat = {**_flat(scenarios), **simulator}
+    flat = {**_flat(scenarios), **simulator, **_phase_figures(phases)}
     targets = _targets(flat)
     return {
         "generated_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -807,13 +957,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         **flat,
         "targets": targets,
         "all_targets_met": all(target["met"] for target in targets),
-        "problems": _problems(scenarios, flat, store),
+        "problems": _problems(scenarios, flat, store) + _phase_problems(phases),
         "scenarios": scenarios,
+        **phases,
         "store_rows_after_run": store,
         "spans_exported": spans_exported,
         "machine": machine,
         "settings": {
             "schedule": args.schedule,
+            "phases": args.phases,
+            "soak_lifecycles": args.soak_lifecycles,
             "concurrency": args.concurrency,
             "client_processes": args.clients,
             "warmup_seconds": args.warmup,

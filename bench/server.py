@@ -4,8 +4,9 @@ Builds a pool large enough that the load never runs out of room or budget
 (every Allocate is NEW or STICKY, never FALLBACK), starts the real `Server`
 with its SQLite store on an ephemeral port (with the whole interceptor chain,
 or with none: `--chain`), prints one JSON line
-``{"port": ..., "pid": ...}`` once it is SERVING, and shuts down gracefully on
-SIGTERM or SIGINT.
+``{"port": ..., "pid": ..., "admin_port": ..., "start_seconds": ...}`` once it
+is SERVING (`start_seconds`: how long `Server.start()` took, store load
+included), and shuts down gracefully on SIGTERM or SIGINT.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 from authpool_server.domain import MICROS_PER_UNIT, PoolSpec, RebalancePolicy, SubscriptionSpec
@@ -81,6 +83,7 @@ async def _serve(args: argparse.Namespace) -> None:
         security=security,
         intercept=intercept,
         listen=args.listen,
+        admin_listen=args.admin_listen,
         grace_seconds=2.0,
         store=store,
     )
@@ -88,8 +91,11 @@ async def _serve(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    started = time.perf_counter()
     await server.start()
-    print(json.dumps({"port": server.port, "pid": os.getpid()}), flush=True)
+    start_seconds = time.perf_counter() - started
+    info = {"port": server.port, "pid": os.getpid(), "admin_port": server.admin_port, "start_seconds": start_seconds}
+    print(json.dumps(info), flush=True)
     try:
         await stop.wait()
     finally:
@@ -100,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.server")
     parser.add_argument("--data-dir", required=True)
     parser.add_argument("--listen", default="127.0.0.1:0")
+    parser.add_argument("--admin-listen", help="the admin HTTP address (/debug/memory), e.g. 127.0.0.1:0; default none")
     parser.add_argument("--subscriptions", type=int, default=20)
     parser.add_argument("--max-clients", type=int, default=100_000)
     parser.add_argument("--ttl", type=float, default=600.0)

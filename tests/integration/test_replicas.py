@@ -241,3 +241,26 @@ async def test_a_postgres_restart_during_load_fails_calls_cleanly_then_recovers(
                 assert reply.status == health_pb2.HealthCheckResponse.SERVING
         facts = await database_facts(postgres_dsn, pg_schema)
         assert invariant_violations(facts, max_clients=MAX_CLIENTS, acknowledged=result.acknowledged) == []
+
+
+async def test_a_cursor_from_one_replica_resumes_on_another_at_once(
+    tmp_path: Path, postgres_dsn: str, pg_schema: str
+) -> None:
+    with replicas(2, replica_config(tmp_path, pg_schema), tmp_path, postgres_dsn) as (a, b):
+        async with (
+            grpc.aio.insecure_channel(f"127.0.0.1:{a.port}") as to_a,
+            grpc.aio.insecure_channel(f"127.0.0.1:{b.port}") as to_b,
+        ):
+            stub_a, stub_b = authpool_pb2_grpc.AuthPoolStub(to_a), authpool_pb2_grpc.AuthPoolStub(to_b)
+            for i in range(10):
+                await stub_a.Allocate(pb.AllocateRequest(client_id=f"first-{i}"), timeout=10)
+                # A watcher saw this on A a moment ago; B may not have it yet, and must not refuse it.
+                cursor = (await stub_a.Status(pb.StatusRequest(), timeout=5)).totals.last_sequence
+                resumed = stub_b.WatchEvents(pb.WatchEventsRequest(after_sequence=cursor))
+                try:
+                    granted = (await stub_a.Allocate(pb.AllocateRequest(client_id=f"next-{i}"), timeout=10)).lease
+                    message = await asyncio.wait_for(resumed.read(), timeout=5)
+                    assert message.event.sequence == cursor + 1
+                    assert message.event.lease_id == granted.lease_id
+                finally:
+                    resumed.cancel()
