@@ -61,7 +61,6 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -72,6 +71,7 @@ from typing import Any
 from authpool_server.simulator.report import json_safe
 from bench.load import SCENARIOS as LOAD_SCENARIOS
 from bench.otlp_sink import OtlpSink
+from bench.procs import readline_within, tail
 from bench.stats import summarize
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -193,10 +193,7 @@ class ServerProcess:
         return f"127.0.0.1:{self.port}"
 
     def stderr_tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join(self.stderr_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
+        return tail(self.stderr_path, lines)
 
 
 @contextlib.contextmanager
@@ -212,15 +209,6 @@ def _postgres_schema() -> Iterator[tuple[dict[str, str], list[str]]]:
     finally:
         with contextlib.suppress(psycopg.Error), psycopg.connect(dsn, autocommit=True, connect_timeout=5) as conn:
             conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
-
-
-def _readline(stream: Any, timeout: float) -> str:
-    """One line from a child's stdout, or "" after `timeout` seconds."""
-    box: list[str] = []
-    reader = threading.Thread(target=lambda: box.append(stream.readline()), daemon=True)
-    reader.start()
-    reader.join(timeout)
-    return box[0] if box else ""
 
 
 @contextlib.contextmanager
@@ -246,7 +234,7 @@ def _server(
             env={**os.environ, **env},
         )
     try:
-        line = _readline(process.stdout, _SERVER_START_TIMEOUT)
+        line = readline_within(process.stdout, _SERVER_START_TIMEOUT)
         if not line:
             raise RuntimeError(f"the server did not start:\n{stderr_path.read_text(errors='replace')[-2000:]}")
         info = json.loads(line)
@@ -324,7 +312,7 @@ def _run_scenario(
             ]
             processes.append((_spawn(command, token), out))
         for process, _ in processes:
-            if _readline(process.stdout, _LOAD_READY_TIMEOUT).strip() != "ready":
+            if readline_within(process.stdout, _LOAD_READY_TIMEOUT).strip() != "ready":
                 raise RuntimeError(f"a {scenario} load process did not get ready:\n{server.stderr_tail()}")
         for process, _ in processes:
             assert process.stdin is not None
@@ -356,7 +344,7 @@ def _watchers(
     ]
     process = _spawn(command, token)
     try:
-        if _readline(process.stdout, _LOAD_READY_TIMEOUT).strip() != "ready":
+        if readline_within(process.stdout, _LOAD_READY_TIMEOUT).strip() != "ready":
             raise RuntimeError(f"the watchers did not get ready:\n{server.stderr_tail()}")
         result: dict[str, Any] = {}
         yield result

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ServerHandle", "open_fds", "rss_bytes", "run_load", "serve", "thread_count"]
+__all__ = ["ServerHandle", "open_fds", "readline_within", "rss_bytes", "run_load", "serve", "tail", "thread_count"]
 
 ROOT = Path(__file__).resolve().parent.parent
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -45,10 +45,15 @@ class ServerHandle:
         return f"127.0.0.1:{self.port}"
 
     def stderr_tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join(self.stderr_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
+        return tail(self.stderr_path, lines)
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    """The last `lines` of a child's stderr file, for an error message ("" if unreadable)."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
 
 
 def rss_bytes(pid: int) -> int:
@@ -66,7 +71,8 @@ def thread_count(pid: int) -> int:
     return 0
 
 
-def _readline(stream: Any, timeout: float) -> str:
+def readline_within(stream: Any, timeout: float) -> str:
+    """One line from a child's stdout, or "" after `timeout` seconds."""
     box: list[str] = []
     reader = threading.Thread(target=lambda: box.append(stream.readline()), daemon=True)
     reader.start()
@@ -112,7 +118,7 @@ def serve(
             command, cwd=ROOT, stdout=subprocess.PIPE, stderr=stderr, text=True, env={**os.environ, **(env or {})}
         )
     try:
-        line = _readline(process.stdout, _START_TIMEOUT)
+        line = readline_within(process.stdout, _START_TIMEOUT)
         if not line:
             raise RuntimeError(f"the server did not start:\n{stderr_path.read_text(errors='replace')[-2000:]}")
         info = json.loads(line)
@@ -158,7 +164,7 @@ def run_load(
     env = {**os.environ, "BENCH_TOKEN": token} if token else None
     process = subprocess.Popen(command, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     try:
-        if _readline(process.stdout, 60).strip() != "ready":
+        if readline_within(process.stdout, 60).strip() != "ready":
             raise RuntimeError(f"the {scenario} load process did not get ready:\n{server.stderr_tail()}")
         assert process.stdin is not None
         process.stdin.write("go\n")

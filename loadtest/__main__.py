@@ -45,7 +45,8 @@ from pathlib import Path
 from typing import Any
 
 from authpool_server.simulator.report import json_safe
-from bench.__main__ import _git, _machine, _postgres_schema, _readline
+from bench.__main__ import _git, _machine, _postgres_schema
+from bench.procs import readline_within
 from loadtest import report
 from loadtest.generator import MIX, REPORT
 from loadtest.schedule import Phase, build_plan
@@ -218,7 +219,7 @@ def run_one(args: argparse.Namespace, store: str) -> dict[str, Any]:
                 )
                 try:
                     for process, _ in generators:
-                        if _readline(process.stdout, _READY_TIMEOUT).strip() != "ready":
+                        if readline_within(process.stdout, _READY_TIMEOUT).strip() != "ready":
                             raise RuntimeError(f"a generator did not get ready:\n{server.log_tail()}")
                     sampler.t0 = time.time() + 0.5
                     sampler.start()
