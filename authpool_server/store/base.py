@@ -20,7 +20,16 @@ from typing import Any, Protocol
 from authpool_server.domain import DeliveryState, EndedLease, Event, Lease, OutboxEntry, Severity, UsageRecord
 from authpool_server.ledger import SubscriptionFlags
 
-__all__ = ["PruneHorizon", "Snapshot", "Store", "WriteBatch", "outbox_from_row", "outbox_row", "undelivered"]
+__all__ = [
+    "PruneHorizon",
+    "Snapshot",
+    "Store",
+    "WriteBatch",
+    "outbox_from_row",
+    "outbox_row",
+    "undelivered",
+    "usage_row",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,3 +140,22 @@ def outbox_row(entry: OutboxEntry) -> tuple[object, ...]:
 def outbox_from_row(row: Sequence[Any]) -> OutboxEntry:
     """The inverse of `outbox_row`."""
     return OutboxEntry(row[0], row[1], row[2], Severity(row[3]), row[4], DeliveryState(row[5]), *row[6:])
+
+
+def usage_row(u: UsageRecord) -> tuple[object, ...]:
+    """A usage record as the column values both SQL stores keep, in their column order."""
+    return (
+        u.request_id,
+        u.lease_id,
+        u.client_id,
+        u.subscription_id,
+        u.fallback,
+        u.at,
+        u.cost_micros,
+        u.input_tokens,
+        u.output_tokens,
+        u.model,
+        u.outcome.value,
+        u.provider_remaining_ppm,
+        u.provider_reset_at,
+    )

@@ -72,7 +72,7 @@ from authpool_server.domain import (
 )
 from authpool_server.errors import StartupRefused, StoreUnavailable
 from authpool_server.ledger import SubscriptionFlags
-from authpool_server.store.base import Snapshot, WriteBatch, outbox_from_row, outbox_row
+from authpool_server.store.base import Snapshot, WriteBatch, outbox_from_row, outbox_row, usage_row
 from authpool_server.store.replication import CatchUp, ReplicaBehind, decode_change, encode_change
 
 __all__ = ["Migration", "PostgresStore", "lock_key", "migrate", "migrations"]
@@ -415,24 +415,6 @@ _USAGE_COLUMNS = (
     "provider_remaining_ppm",
     "provider_reset_at",
 )
-
-
-def _usage_row(u: UsageRecord) -> tuple[object, ...]:
-    return (
-        u.request_id,
-        u.lease_id,
-        u.client_id,
-        u.subscription_id,
-        u.fallback,
-        u.at,
-        u.cost_micros,
-        u.input_tokens,
-        u.output_tokens,
-        u.model,
-        u.outcome.value,
-        u.provider_remaining_ppm,
-        u.provider_reset_at,
-    )
 
 
 def _usage_from_row(row: Sequence[Any]) -> UsageRecord:
@@ -805,7 +787,7 @@ class PostgresStore:
             if batch.ended:
                 await cur.executemany(s.upsert_lease, [_lease_row(e.lease, e.ended_at) for e in batch.ended])
             if batch.usage:
-                await cur.executemany(s.insert_usage, [_usage_row(u) for u in batch.usage])
+                await cur.executemany(s.insert_usage, [usage_row(u) for u in batch.usage])
             if batch.flags:
                 await cur.executemany(
                     s.upsert_flags, [(f.subscription_id, f.draining, f.resumed_at) for f in batch.flags]

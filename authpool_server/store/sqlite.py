@@ -39,7 +39,7 @@ from authpool_server.domain import (
 )
 from authpool_server.errors import StartupRefused
 from authpool_server.ledger import SubscriptionFlags
-from authpool_server.store.base import Snapshot, WriteBatch, outbox_from_row, outbox_row
+from authpool_server.store.base import Snapshot, WriteBatch, outbox_from_row, outbox_row, usage_row
 
 __all__ = ["SQLiteStore", "data_dir_lock"]
 
@@ -409,24 +409,7 @@ class SQLiteStore:
             if batch.usage:
                 conn.executemany(
                     "INSERT OR IGNORE INTO usage VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [
-                        (
-                            u.request_id,
-                            u.lease_id,
-                            u.client_id,
-                            u.subscription_id,
-                            int(u.fallback),
-                            u.at,
-                            u.cost_micros,
-                            u.input_tokens,
-                            u.output_tokens,
-                            u.model,
-                            u.outcome.value,
-                            u.provider_remaining_ppm,
-                            u.provider_reset_at,
-                        )
-                        for u in batch.usage
-                    ],
+                    [usage_row(u) for u in batch.usage],
                 )
             if batch.flags:
                 conn.executemany(
