@@ -192,22 +192,19 @@ _Result = TypeVar("_Result")
 
 @contextlib.contextmanager
 def _collector_paused() -> Iterator[None]:
-    """No cyclic garbage collection while the state loads; what it loaded is then frozen.
+    """No cyclic garbage collection while the state loads.
 
     Loading creates an object or more per retained row (a million usage
     records at scale), all long-lived: the collector would traverse the
     growing heap over and over while they pile up (a sixth of a restart's
-    time), and every full collection after it would traverse them all again
-    (a third of a second per million records, soon after the start).
-    `gc.freeze()` leaves them out of collections; reference counting still
-    frees each one when it is pruned.
+    time). (`authpool serve` then freezes them out of later collections:
+    see `server.serve`.)
     """
     enabled = gc.isenabled()
     gc.disable()
     try:
         yield
     finally:
-        gc.freeze()
         if enabled:
             gc.enable()
 

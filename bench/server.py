@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -93,6 +94,7 @@ async def _serve(args: argparse.Namespace) -> None:
         loop.add_signal_handler(signum, stop.set)
     started = time.perf_counter()
     await server.start()
+    gc.freeze()  # as `authpool serve` does (authpool_server.server.serve)
     start_seconds = time.perf_counter() - started
     info = {"port": server.port, "pid": os.getpid(), "admin_port": server.admin_port, "start_seconds": start_seconds}
     print(json.dumps(info), flush=True)
