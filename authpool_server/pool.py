@@ -1245,9 +1245,10 @@ class Pool:
         self.outbox.prune(horizon.events_before)
 
     async def _reap_forever(self) -> None:
-        interval = max(0.05, min(5.0, self.spec.lease_ttl_seconds / 4))
         next_rebalance = self._clock() + self.spec.rebalancing.interval_seconds
         while True:
+            # From the spec in force each time: a reloaded TTL changes how often leases are checked.
+            interval = max(0.05, min(5.0, self.spec.lease_ttl_seconds / 4))
             await asyncio.sleep(interval)
             if not self.is_leader:
                 continue  # another replica does it
