@@ -125,10 +125,12 @@ class ConfigReloader:
     async def reload(self) -> ReloadResult:
         """Load the file now and apply it if valid; what happened."""
         async with self._lock:
+            # Read before loading: should the file change meanwhile, the next poll sees the newer one.
+            digest = self._read_digest()
             try:
                 settings = await asyncio.to_thread(self._load, self._path)
             except ConfigError as error:
-                self._digest = self._read_digest()  # seen: the next edit is what matters
+                self._digest = digest  # seen: the next edit is what matters
                 result = ReloadResult(None, problems=tuple(error.problems))
                 log.error(
                     "config reload rejected; the running config stays",
@@ -147,7 +149,7 @@ class ConfigReloader:
                 )
                 self._report(result)
                 return result
-            self._digest = settings.source_digest or self._read_digest()
+            self._digest = settings.source_digest or digest
             # Compared with what the server started with: those settings never change while it runs.
             needs_restart = _restart_only(self._running, settings)
             result = ReloadResult(applied, needs_restart=tuple(needs_restart))
