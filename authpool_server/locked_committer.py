@@ -110,7 +110,13 @@ class LockedCommitter:
             try:
                 if self._pending:
                     group, self._pending = self._pending, []
-                    await self._cycle(group)
+                    try:
+                        await self._cycle(group)
+                    finally:
+                        # A cycle answers every caller; should a bug cut it short, none may wait forever.
+                        for decision in group:
+                            if not decision.future.done():
+                                decision.future.set_exception(StoreUnavailable("the write was interrupted"))
                 elif self._closing:
                     return
                 elif self._known_version > self._replica.version:
