@@ -64,6 +64,9 @@ class ServerProcess:
         env = {**os.environ, "LOG_FORMAT": "json", "LOG_LEVEL": "info", **self.env}
         with_tokens = any(name.startswith("AUTHPOOL_") and "TOKEN" in name for name in self.env)
         with self.log.open("a") as log:
+            if self.log.stat().st_size and not self.log.read_bytes().endswith(b"\n"):
+                log.write("\n")  # an earlier server was killed mid-line: start this one's on a line of its own
+                log.flush()
             self.process = subprocess.Popen(
                 [
                     AUTHPOOL,
@@ -96,7 +99,10 @@ class ServerProcess:
                 raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log.read_text()}")
             for line in reversed(self.log.read_text().splitlines()):
                 if line.startswith("{"):
-                    entry = json.loads(line)
+                    try:
+                        entry = json.loads(line)
+                    except ValueError:
+                        continue  # the last line of a server killed mid-write
                     if entry["message"] == "serving" and entry["context"].get("pid") == self.process.pid:
                         self.admin_port = int(entry["context"]["admin_port"])
                         return int(entry["context"]["port"])
