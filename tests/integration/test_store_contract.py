@@ -582,12 +582,21 @@ async def test_decisions_of_racing_replicas_are_serialised_and_gapless(postgres_
             await store.close()
 
 
-async def test_a_replica_whose_change_records_were_pruned_must_reload(postgres_dsn: str, pg_schema: str) -> None:
-    store = PostgresStore(postgres_dsn, schema=pg_schema)
+@contextlib.asynccontextmanager
+async def three_writes(dsn: str, schema: str) -> AsyncIterator[PostgresStore]:
+    """An open store at version 3 (sequence 3), closed afterwards."""
+    store = PostgresStore(dsn, schema=schema)
     await store.open()
     try:
         for n in range(1, 4):
             await store.write(WriteBatch(events=[event(n)], fencing_token=n))
+        yield store
+    finally:
+        await store.close()
+
+
+async def test_a_replica_whose_change_records_were_pruned_must_reload(postgres_dsn: str, pg_schema: str) -> None:
+    async with three_writes(postgres_dsn, pg_schema) as store:
         async with await psycopg.AsyncConnection.connect(postgres_dsn, autocommit=True) as conn:
             await conn.execute(sql.SQL("DELETE FROM {}.changes WHERE version < 3").format(sql.Identifier(pg_schema)))
         assert (await store.catch_up(2, 2)).version == 3  # what it needs is still there
@@ -595,56 +604,69 @@ async def test_a_replica_whose_change_records_were_pruned_must_reload(postgres_d
             await store.catch_up(1, 1)
         with pytest.raises(ReplicaBehind):
             await store.exchange(0, 0, lambda seen: pytest.fail("decided without the records"))
-    finally:
-        await store.close()
+
+
+class Followers:
+    """Replicas' `follow()` loops as tasks, with what each was told: whether it leads, which versions."""
+
+    def __init__(self, stores: list[PostgresStore]) -> None:
+        self.stores = stores
+        self.leading = [False] * len(stores)
+        self.versions: list[list[int]] = [[] for _ in stores]
+        self.tasks: dict[int, asyncio.Task[None]] = {}
+        self._told = asyncio.Event()
+
+    def start(self, index: int) -> None:
+        def lead(now: bool) -> None:
+            self.leading[index] = now
+            self._told.set()
+
+        def changed(version: int) -> None:
+            self.versions[index].append(version)
+            self._told.set()
+
+        self.tasks[index] = asyncio.create_task(self.stores[index].follow(changed, lead))
+
+    async def until(self, condition: Callable[[], bool], seconds: float = 5.0) -> None:
+        async with asyncio.timeout(seconds):
+            while not condition():
+                self._told.clear()
+                await self._told.wait()
+
+    async def stop(self, index: int) -> None:
+        """The replica dies, its connection with it."""
+        task = self.tasks.pop(index)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    async def close(self) -> None:
+        for index in list(self.tasks):
+            await self.stop(index)
+        for store in self.stores:
+            await store.close()
 
 
 async def test_one_replica_leads_and_another_takes_over_when_it_dies(postgres_dsn: str, pg_schema: str) -> None:
     stores = [PostgresStore(postgres_dsn, schema=pg_schema) for _ in range(2)]
     for store in stores:
         await store.open()
-    leading = [False, False]
-    versions: list[list[int]] = [[], []]
-    told = asyncio.Event()
-
-    def follower(index: int) -> asyncio.Task[None]:
-        def lead(now: bool) -> None:
-            leading[index] = now
-            told.set()
-
-        def changed(version: int) -> None:
-            versions[index].append(version)
-            told.set()
-
-        return asyncio.create_task(stores[index].follow(changed, lead))
-
-    async def until(condition: Callable[[], bool], seconds: float = 5.0) -> None:
-        async with asyncio.timeout(seconds):
-            while not condition():
-                told.clear()
-                await told.wait()
-
-    tasks = [follower(0), follower(1)]
+    followers = Followers(stores)
+    leading, versions = followers.leading, followers.versions
+    followers.start(0)
+    followers.start(1)
     try:
-        await until(lambda: any(leading))
+        await followers.until(lambda: any(leading))
         await asyncio.sleep(1.5)  # a poll or more: the other must not take it too
         assert leading.count(True) == 1
         first = leading.index(True)
         # A write on either replica reaches both as a notification, well before a poll.
         await stores[first].write(WriteBatch(events=[event(1)], fencing_token=1))
-        await until(lambda: 1 in versions[0] and 1 in versions[1], seconds=0.9)
-        # The leader dies (its connection with it): the other takes over within a poll or two.
-        tasks[first].cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await tasks[first]
-        await until(lambda: leading[1 - first], seconds=3.0)
+        await followers.until(lambda: 1 in versions[0] and 1 in versions[1], seconds=0.9)
+        await followers.stop(first)  # the leader dies: the other takes over within a poll or two
+        await followers.until(lambda: leading[1 - first], seconds=3.0)
     finally:
-        for task in tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        for store in stores:
-            await store.close()
+        await followers.close()
 
 
 # -- PostgreSQL: an unreachable database, and the DSN's password ------------------------
@@ -903,47 +925,24 @@ async def test_a_leader_the_network_loses_hands_the_lead_to_another_replica(
     ]
     for store in stores:
         await store.open()
-    leading = [False, False]
-    told = asyncio.Event()
-
-    def follow(index: int) -> asyncio.Task[None]:
-        def lead(now: bool) -> None:
-            leading[index] = now
-            told.set()
-
-        return asyncio.create_task(stores[index].follow(lambda version: None, lead))
-
-    async def until(condition: Callable[[], bool], seconds: float) -> None:
-        async with asyncio.timeout(seconds):
-            while not condition():
-                told.clear()
-                await told.wait()
-
-    tasks = [follow(0)]
+    followers = Followers(stores)
+    leading = followers.leading
+    followers.start(0)
     try:
-        await until(lambda: leading[0], 5)
-        tasks.append(follow(1))
+        await followers.until(lambda: leading[0])
+        followers.start(1)
         await asyncio.sleep(1.5)
         assert leading == [True, False]
         proxy.flowing.clear()  # the leader's process lives on, its network does not
         # It stops leading at its next poll; the server ends its silent session, freeing the lock.
-        await until(lambda: leading == [False, True], 12)
+        await followers.until(lambda: leading == [False, True], 12)
     finally:
         proxy.flowing.set()
-        for task in tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        for store in stores:
-            await store.close()
+        await followers.close()
 
 
 async def test_a_store_that_went_back_makes_a_replica_reload(postgres_dsn: str, pg_schema: str) -> None:
-    store = PostgresStore(postgres_dsn, schema=pg_schema)
-    await store.open()
-    try:
-        for n in range(1, 4):
-            await store.write(WriteBatch(events=[event(n)], fencing_token=n))
+    async with three_writes(postgres_dsn, pg_schema) as store:
         # Restored from an older backup (or failed over to a standby that lagged): version 1 again.
         async with await psycopg.AsyncConnection.connect(postgres_dsn, autocommit=True) as conn:
             s = sql.Identifier(pg_schema)
@@ -958,5 +957,3 @@ async def test_a_store_that_went_back_makes_a_replica_reload(postgres_dsn: str, 
         with pytest.raises(ReplicaBehind, match="the store went back"):
             await store.exchange(3, 3, lambda seen: pytest.fail("decided on a store behind it"))
         assert (await store.catch_up(1, 1)).version == 1  # from where the store is, all is well
-    finally:
-        await store.close()
