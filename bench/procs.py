@@ -11,17 +11,29 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ServerHandle", "open_fds", "readline_within", "rss_bytes", "run_load", "serve", "tail", "thread_count"]
+__all__ = [
+    "ServerHandle",
+    "open_fds",
+    "readline_within",
+    "rss_bytes",
+    "run_in_scratch",
+    "run_load",
+    "serve",
+    "tail",
+    "thread_count",
+]
 
 ROOT = Path(__file__).resolve().parent.parent
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -179,3 +191,19 @@ def run_load(
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def run_in_scratch(root: Path, prefix: str, out: Path | None, run: Callable[[Path], dict[str, Any]]) -> int:
+    """A phase's `main`: `run` in a scratch directory under `root` (removed after), its JSON to `out` or stdout."""
+    root.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=prefix, dir=root))
+    try:
+        result = run(scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    text = json.dumps(result, indent=2)
+    if out is not None:
+        out.write_text(text + "\n")
+    else:
+        print(text)
+    return 0

@@ -27,12 +27,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -41,7 +38,7 @@ from authpool_server.domain import Event, EventType, Lease, Outcome, UsageRecord
 from authpool_server.store import DATABASE_FILE
 from authpool_server.store.base import WriteBatch
 from authpool_server.store.sqlite import SQLiteStore
-from bench.procs import rss_bytes, run_load, serve
+from bench.procs import rss_bytes, run_in_scratch, run_load, serve
 from bench.stats import summarize
 
 __all__ = ["build_state", "main", "run_scale"]
@@ -227,18 +224,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    args.work_dir.mkdir(parents=True, exist_ok=True)
-    work_dir = Path(tempfile.mkdtemp(prefix="scale-", dir=args.work_dir))
-    try:
-        result = run_scale(args, work_dir)
-    finally:
-        shutil.rmtree(work_dir, ignore_errors=True)
-    text = json.dumps(result, indent=2)
-    if args.out is not None:
-        args.out.write_text(text + "\n")
-    else:
-        print(text)
-    return 0
+    return run_in_scratch(args.work_dir, "scale-", args.out, lambda scratch: run_scale(args, scratch))
 
 
 if __name__ == "__main__":

@@ -29,12 +29,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import json
 import os
 import resource
-import shutil
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -44,6 +41,7 @@ from typing import Any
 from authpool_server.domain import Outcome, PoolSpec
 from authpool_server.pool import Pool, UsageReport
 from authpool_server.store.sqlite import SQLiteStore
+from bench.procs import run_in_scratch
 from bench.server import bench_spec
 
 __all__ = ["main", "run_soak"]
@@ -227,27 +225,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-dir", type=Path, default=ROOT / "var" / "bench")
     parser.add_argument("--out", type=Path, help="write the JSON here instead of stdout")
     args = parser.parse_args(argv)
-    args.work_dir.mkdir(parents=True, exist_ok=True)
-    data_dir = Path(tempfile.mkdtemp(prefix="soak-", dir=args.work_dir))
-    try:
-        result = asyncio.run(
+
+    def run(scratch: Path) -> dict[str, Any]:
+        return asyncio.run(
             run_soak(
                 args.lifecycles,
-                data_dir=data_dir,
+                data_dir=scratch,
                 concurrency=args.concurrency,
                 subscriptions=args.subscriptions,
                 weeks=args.weeks,
                 checkpoints=args.checkpoints,
             )
         )
-    finally:
-        shutil.rmtree(data_dir, ignore_errors=True)
-    text = json.dumps(result, indent=2)
-    if args.out is not None:
-        args.out.write_text(text + "\n")
-    else:
-        print(text)
-    return 0
+
+    return run_in_scratch(args.work_dir, "soak-", args.out, run)
 
 
 if __name__ == "__main__":

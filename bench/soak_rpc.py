@@ -23,15 +23,13 @@ import argparse
 import json
 import os
 import secrets
-import shutil
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
-from bench.procs import ServerHandle, open_fds, rss_bytes, run_load, serve, thread_count
+from bench.procs import ServerHandle, open_fds, rss_bytes, run_in_scratch, run_load, serve, thread_count
 
 __all__ = ["main", "run_soak_rpc"]
 
@@ -130,18 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-dir", type=Path, default=ROOT / "var" / "bench")
     parser.add_argument("--out", type=Path, help="write the JSON here instead of stdout")
     args = parser.parse_args(argv)
-    args.work_dir.mkdir(parents=True, exist_ok=True)
-    work_dir = Path(tempfile.mkdtemp(prefix="soak-rpc-", dir=args.work_dir))
-    try:
-        result = run_soak_rpc(args, work_dir)
-    finally:
-        shutil.rmtree(work_dir, ignore_errors=True)
-    text = json.dumps(result, indent=2)
-    if args.out is not None:
-        args.out.write_text(text + "\n")
-    else:
-        print(text)
-    return 0
+    return run_in_scratch(args.work_dir, "soak-rpc-", args.out, lambda scratch: run_soak_rpc(args, scratch))
 
 
 if __name__ == "__main__":
