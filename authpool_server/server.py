@@ -24,7 +24,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from authpool_server.admin import AdminServer
 from authpool_server.api import authpool_pb2, authpool_pb2_grpc
@@ -32,7 +32,7 @@ from authpool_server.config import Settings, WebhookSettings
 from authpool_server.delivery import WebhookDispatcher
 from authpool_server.domain import PoolSpec
 from authpool_server.errors import StartupRefused
-from authpool_server.interceptors import build_chain
+from authpool_server.interceptors import ChainedRegistration, build_chain
 from authpool_server.pool import Pool
 from authpool_server.reload import DEFAULT_POLL_SECONDS, ConfigReloader, ReloadResult
 from authpool_server.security.settings import SecuritySettings
@@ -164,16 +164,21 @@ class Server:
                 "AUTHPOOL_WEBHOOK_SECRET (or AUTHPOOL_WEBHOOK_SECRET_FILE) to a Standard Webhooks secret, "
                 'e.g. "whsec_$(openssl rand -base64 32)"'
             )
-        chain = build_chain(self.security, self.metrics, self.telemetry.tracer_provider) if self._intercept else []
-        server = grpc.aio.server(
-            interceptors=chain,
-            options=[*self.security.grpc_options(), ("grpc.so_reuseport", 0)],
+        server = grpc.aio.server(options=[*self.security.grpc_options(), ("grpc.so_reuseport", 0)])
+        services: grpc.aio.Server | ChainedRegistration = server
+        if self._intercept:
+            chain = build_chain(self.security, self.metrics, self.telemetry.tracer_provider)
+            services = ChainedRegistration(server, chain)
+        authpool_pb2_grpc.add_AuthPoolServicer_to_server(AuthPoolService(self.pool), services)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, services)
+        # What reflection.enable_server_reflection does for a grpc.aio server, through the chain.
+        reflection_names = (
+            SERVICE_NAME,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
         )
-        authpool_pb2_grpc.add_AuthPoolServicer_to_server(AuthPoolService(self.pool), server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            server,
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+            reflection.aio.ReflectionServicer(reflection_names), services
         )
         for service in (*LIVENESS, *READINESS):
             await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -1,28 +1,26 @@
 """The server's interceptor chain: tracing → access log and metrics → auth → rate limit → handler.
 
-The steps run inside one grpc.aio interceptor (see `chain`): each separate
-interceptor would cost a coroutine and a handler lookup per call.
+The steps are wrapped into every method's handler as it is registered (see
+`chain`): a grpc.aio interceptor would cost a coroutine and a handler
+lookup per call.
 """
 
 from __future__ import annotations
 
-import grpc
 from opentelemetry.sdk.trace import TracerProvider
 
 from authpool_server.interceptors.access import AccessStep
 from authpool_server.interceptors.auth import AuthStep
-from authpool_server.interceptors.chain import ChainInterceptor, Step
+from authpool_server.interceptors.chain import Chain, ChainedRegistration, Step
 from authpool_server.interceptors.ratelimit import RateLimitStep
 from authpool_server.interceptors.tracing import TracingStep
 from authpool_server.security.settings import SecuritySettings
 from authpool_server.telemetry.metrics import Metrics
 
-__all__ = ["build_chain"]
+__all__ = ["Chain", "ChainedRegistration", "build_chain"]
 
 
-def build_chain(
-    security: SecuritySettings, metrics: Metrics | None, tracer_provider: TracerProvider | None
-) -> list[grpc.aio.ServerInterceptor]:
+def build_chain(security: SecuritySettings, metrics: Metrics | None, tracer_provider: TracerProvider | None) -> Chain:
     steps: list[Step] = []
     if tracer_provider is not None:  # no span at all when traces go nowhere
         steps.append(TracingStep(tracer_provider))
@@ -30,4 +28,4 @@ def build_chain(
     steps.append(AuthStep(security))
     if security.rate_limits is not None:
         steps.append(RateLimitStep(security.rate_limits, security.open_services))
-    return [ChainInterceptor(steps)]
+    return Chain(steps)

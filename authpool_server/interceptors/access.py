@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
 
 import grpc
 
 from authpool_server.grpc_paths import method_name, service_of
-from authpool_server.interceptors.chain import Proceed, final_code
 from authpool_server.telemetry.call import Call
 from authpool_server.telemetry.metrics import Metrics
 
@@ -31,18 +29,13 @@ class AccessStep:
     def __init__(self, metrics: Metrics | None) -> None:
         self._metrics = metrics
 
-    async def around(self, call: Call, context: grpc.aio.ServicerContext, proceed: Proceed) -> Any:
-        started = time.perf_counter()
-        raised: BaseException | None = None
-        try:
-            return await proceed()
-        except BaseException as error:
-            raised = error
-            raise
-        finally:
-            self._finish(call, final_code(context, raised), time.perf_counter() - started)
+    def enter(self, call: Call, context: grpc.aio.ServicerContext) -> None:
+        call.started = time.perf_counter()
 
-    def _finish(self, call: Call, code: grpc.StatusCode, seconds: float) -> None:
+    def exit(
+        self, call: Call, context: grpc.aio.ServicerContext, code: grpc.StatusCode, raised: BaseException | None
+    ) -> None:
+        seconds = time.perf_counter() - call.started
         if self._metrics is not None:
             self._metrics.rpc_finished(call, code, seconds)
         level = logging.DEBUG if service_of(call.method) in _QUIET_SERVICES else logging.INFO

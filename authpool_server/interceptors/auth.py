@@ -9,14 +9,11 @@ leaves this module: not in errors, logs or spans.
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import grpc
 
 from authpool_server.errors import AuthPoolError, PermissionDenied, Unauthenticated
 from authpool_server.grpc_paths import method_name, service_of
-from authpool_server.interceptors.chain import Proceed
-from authpool_server.rpc_errors import to_status
 from authpool_server.security.roles import Principal, Role, required_role
 from authpool_server.security.settings import SecuritySettings
 from authpool_server.telemetry.call import Call
@@ -40,7 +37,7 @@ class AuthStep:
     def __init__(self, security: SecuritySettings) -> None:
         self._security = security
 
-    async def around(self, call: Call, context: grpc.aio.ServicerContext, proceed: Proceed) -> Any:
+    def enter(self, call: Call, context: grpc.aio.ServicerContext) -> AuthPoolError | None:
         method = call.method
         principal, refusal = self._check(method, context)
         if principal is not None:
@@ -50,8 +47,12 @@ class AuthStep:
                 "call refused",
                 extra={"context": {"method": method_name(method), "reason": refusal.reason, "peer": context.peer()}},
             )
-            await context.abort_with_status(to_status(refusal))
-        return await proceed()
+        return refusal
+
+    def exit(
+        self, call: Call, context: grpc.aio.ServicerContext, code: grpc.StatusCode, raised: BaseException | None
+    ) -> None:
+        pass
 
     def _check(self, method: str, context: grpc.aio.ServicerContext) -> tuple[Principal | None, AuthPoolError | None]:
         """The caller, and why it is refused (None when allowed)."""

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import grpc
 
 from authpool_server.errors import RateLimited
 from authpool_server.grpc_paths import service_of
-from authpool_server.interceptors.chain import Proceed
-from authpool_server.rpc_errors import to_status
 from authpool_server.security.ratelimit import RateLimiter
 from authpool_server.security.settings import RateLimits
 from authpool_server.telemetry.call import Call
@@ -23,10 +19,14 @@ class RateLimitStep:
         # Probes and discovery are not limited: a throttled health check restarts pods.
         self._open_services = open_services
 
-    async def around(self, call: Call, context: grpc.aio.ServicerContext, proceed: Proceed) -> Any:
-        if service_of(call.method) not in self._open_services:
-            principal = call.principal or "anonymous"
-            wait = self._limiter.acquire(principal)
-            if wait > 0:
-                await context.abort_with_status(to_status(RateLimited(principal, wait)))
-        return await proceed()
+    def enter(self, call: Call, context: grpc.aio.ServicerContext) -> RateLimited | None:
+        if service_of(call.method) in self._open_services:
+            return None
+        principal = call.principal or "anonymous"
+        wait = self._limiter.acquire(principal)
+        return RateLimited(principal, wait) if wait > 0 else None
+
+    def exit(
+        self, call: Call, context: grpc.aio.ServicerContext, code: grpc.StatusCode, raised: BaseException | None
+    ) -> None:
+        pass

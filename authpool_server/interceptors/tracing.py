@@ -24,7 +24,6 @@ from opentelemetry.trace import SpanKind, Status, StatusCode, TracerProvider
 
 from authpool_server import __version__
 from authpool_server.grpc_paths import method_name, service_of
-from authpool_server.interceptors.chain import Proceed, final_code
 from authpool_server.telemetry.call import Call
 
 __all__ = ["TracingStep"]
@@ -64,27 +63,25 @@ class TracingStep:
         carrier = {key: value for key, value in context.invocation_metadata() or () if key in self._fields}
         return propagate.extract(carrier) if carrier else None
 
-    async def around(self, call: Call, context: grpc.aio.ServicerContext, proceed: Proceed) -> Any:
+    def enter(self, call: Call, context: grpc.aio.ServicerContext) -> None:
         parent = self._parent(context)
         span = self._tracer.start_span(
             call.method[1:], context=parent, kind=SpanKind.SERVER, attributes=self._static(call.method)
         )
-        token = otel_context.attach(trace.set_span_in_context(span, parent))
-        raised: BaseException | None = None
-        try:
-            return await proceed()
-        except BaseException as error:
-            raised = error
-            raise
-        finally:
-            if span.is_recording():
-                code = final_code(context, raised)
-                span.set_attribute("rpc.grpc.status_code", code.value[0])
-                if call.principal:
-                    span.set_attribute("authpool.principal", call.principal)
-                if code in _SERVER_FAULTS:
-                    span.set_status(Status(StatusCode.ERROR, code.name))
-                if isinstance(raised, Exception) and not isinstance(raised, _EXPECTED):
-                    span.record_exception(raised)
-            span.end()
-            otel_context.detach(token)
+        call.span = span
+        call.span_token = otel_context.attach(trace.set_span_in_context(span, parent))
+
+    def exit(
+        self, call: Call, context: grpc.aio.ServicerContext, code: grpc.StatusCode, raised: BaseException | None
+    ) -> None:
+        span = call.span
+        if span.is_recording():
+            span.set_attribute("rpc.grpc.status_code", code.value[0])
+            if call.principal:
+                span.set_attribute("authpool.principal", call.principal)
+            if code in _SERVER_FAULTS:
+                span.set_status(Status(StatusCode.ERROR, code.name))
+            if isinstance(raised, Exception) and not isinstance(raised, _EXPECTED):
+                span.record_exception(raised)
+        span.end()
+        otel_context.detach(call.span_token)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Any
 
 from opentelemetry import trace
 
@@ -34,6 +35,10 @@ class Call:
     decision: str = ""
     outcome: str = ""  # of a reported provider call
     admitted: bool = False  # reached the service: not refused by auth or a rate limit
+    # Kept by the chain's steps between their enter and exit:
+    started: float = 0.0  # perf_counter() when the access step entered
+    span: Any = None  # the call's span, when it is traced
+    span_token: Any = None  # the context attached while the span is current
 
 
 _CURRENT: ContextVar[Call | None] = ContextVar("authpool_call", default=None)
