@@ -13,7 +13,9 @@ import logging
 import os
 import re
 import threading
-from datetime import UTC, datetime
+import time
+
+import orjson
 
 __all__ = ["JsonFormatter", "TextFormatter", "configure_logging", "mask_emails"]
 
@@ -26,11 +28,22 @@ def mask_emails(text: str) -> str:
 
 
 class JsonFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__()
+        self._second = -1
+        self._second_text = ""
+
+    def _timestamp(self, created: float) -> str:
+        # An access line per RPC: the date and time change once a second, so format them once a second.
+        second = int(created)
+        if second != self._second:
+            self._second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._second = second
+        return f"{self._second_text}.{int((created - second) * 1000):03d}Z"
+
     def format(self, record: logging.LogRecord) -> str:
         entry = {
-            "timestamp": datetime.fromtimestamp(record.created, UTC)
-            .isoformat(timespec="milliseconds")
-            .replace("+00:00", "Z"),
+            "timestamp": self._timestamp(record.created),
             "level": record.levelname,
             "module": record.name,
             "message": record.getMessage(),
@@ -38,7 +51,16 @@ class JsonFormatter(logging.Formatter):
         }
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return mask_emails(json.dumps(entry, default=str))
+        return mask_emails(_dumps(entry))
+
+
+def _dumps(entry: dict[str, object]) -> str:
+    try:
+        return orjson.dumps(entry, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
+    except (orjson.JSONEncodeError, TypeError):
+        # What orjson refuses (lone surrogates, integers beyond 64 bits, nesting past its limit)
+        # the standard library writes, escaped.
+        return json.dumps(entry, default=str)
 
 
 class TextFormatter(logging.Formatter):
