@@ -69,6 +69,7 @@ from pathlib import Path
 from typing import Any
 
 from authpool_server.simulator.report import json_safe
+from bench.deployed import deployed_trace_sampling
 from bench.load import SCENARIOS as LOAD_SCENARIOS
 from bench.otlp_sink import OtlpSink
 from bench.procs import readline_within, tail
@@ -78,11 +79,14 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "var" / "bench" / "latest.json"
 LIFECYCLE_RPCS = 5  # Allocate, ReportUsage x3, Release
 # Every scenario runs against the server as deployed (the whole interceptor chain, with a token,
-# access logs and every span exported), except `allocate_untraced` (the same chain, with no trace
-# exporter configured, so no spans), `allocate_bare` (no interceptors at all), and the watched
-# scenarios (`allocate_untraced`'s server, while `bench.watchers` holds streams open).
+# access logs, and spans exported as the Kubernetes deployment samples them), except
+# `allocate_all_spans` (the same, with a span exported for every call), `allocate_untraced` (the
+# same chain, with no trace exporter configured, so no spans), `allocate_bare` (no interceptors at
+# all), and the watched scenarios (`allocate_untraced`'s server, while `bench.watchers` holds
+# streams open).
 SCENARIOS = (
     *LOAD_SCENARIOS,
+    "allocate_all_spans",
     "allocate_untraced",
     "allocate_bare",
     "allocate_pg",
@@ -92,6 +96,7 @@ SCENARIOS = (
 )
 LOAD = {
     **{name: name for name in LOAD_SCENARIOS},
+    "allocate_all_spans": "allocate",
     "allocate_untraced": "allocate",
     "allocate_bare": "allocate",
     "allocate_pg": "allocate",
@@ -167,7 +172,16 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         for index in range(max(1, args.rounds)):
             # The watched scenario and its twin back to back, first one then the other first.
             twins = ["allocate_untraced", "allocate_watched"][:: 1 if index % 2 == 0 else -1]
-            rounds += ["allocate", *twins, "allocate_bare", "allocate_pg", "allocate_pg2", "lifecycle", "noop"]
+            rounds += [
+                "allocate",
+                *twins,
+                "allocate_bare",
+                "allocate_all_spans",
+                "allocate_pg",
+                "allocate_pg2",
+                "lifecycle",
+                "noop",
+            ]
         args.schedule = ["noop", *rounds]
     unknown = [s for s in args.schedule if s not in SCENARIOS]
     if unknown:
@@ -478,6 +492,13 @@ def _flat(scenarios: dict[str, dict[str, Any]]) -> dict[str, Any]:
         bare_cpu = scenarios["allocate_bare"]["cpu"]["server_cpu_us_per_rpc"]
         # Server CPU per Allocate with the chain / without: steadier than throughput on a noisy machine.
         flat["interceptor_cpu_ratio"] = _ratio(scenarios["allocate"]["cpu"]["server_cpu_us_per_rpc"], bare_cpu)
+        if "allocate_all_spans" in scenarios:
+            # No target: what exporting a span for every call would cost (see deployed_trace_sampling).
+            kept = _ratio(scenarios["allocate_all_spans"]["rps"], scenarios["allocate_bare"]["rps"])
+            flat["interceptor_overhead_all_spans"] = None if kept is None else 1.0 - kept
+            flat["interceptor_all_spans_cpu_ratio"] = _ratio(
+                scenarios["allocate_all_spans"]["cpu"]["server_cpu_us_per_rpc"], bare_cpu
+            )
         if "allocate_untraced" in scenarios:
             kept = _ratio(scenarios["allocate_untraced"]["rps"], scenarios["allocate_bare"]["rps"])
             flat["interceptor_overhead_untraced"] = None if kept is None else 1.0 - kept
@@ -675,6 +696,7 @@ def _table(scenarios: dict[str, dict[str, Any]]) -> str:
     labels = {
         "noop": "noop (baseline)",
         "allocate": "allocate",
+        "allocate_all_spans": "allocate, a span exported for every call",
         "allocate_untraced": "allocate, chain without spans",
         "allocate_bare": "allocate, no interceptors",
         "allocate_pg": "allocate on PostgreSQL, no interceptors",
@@ -880,13 +902,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.schedule:  # else only the phases run
             with contextlib.ExitStack() as stack:
                 sink = stack.enter_context(OtlpSink())
-                full_env = {"BENCH_TOKEN": token, "OTEL_EXPORTER_OTLP_ENDPOINT": sink.endpoint}
+                traced_env = {"BENCH_TOKEN": token, "OTEL_EXPORTER_OTLP_ENDPOINT": sink.endpoint}
+                full_env = traced_env | deployed_trace_sampling()
                 full = stack.enter_context(_server(work_dir, args.subscriptions, "full", full_env))
+                all_spans_env = traced_env | {"OTEL_TRACES_SAMPLER": "always_on"}
+                all_spans = stack.enter_context(
+                    _server(work_dir, args.subscriptions, "full", all_spans_env, "all-spans")
+                )
                 untraced = stack.enter_context(
                     _server(work_dir, args.subscriptions, "full", {"BENCH_TOKEN": token}, "untraced")
                 )
                 bare = stack.enter_context(_server(work_dir, args.subscriptions, "off", {}))
-                servers = [full, untraced, bare]
+                servers = [full, all_spans, untraced, bare]
                 pg: list[ServerProcess] = []
                 if "allocate_pg" in args.schedule:
                     pg_env, pg_extra = stack.enter_context(_postgres_schema())
@@ -906,6 +933,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         "allocate_bare": ([bare], ""),
                         "allocate_pg": (pg, ""),
                         "allocate_pg2": (pg2, ""),
+                        "allocate_all_spans": ([all_spans], token),
                         "allocate_untraced": ([untraced], token),
                         "allocate_watched": ([untraced], token),
                         "allocate_watched_all": ([untraced], token),

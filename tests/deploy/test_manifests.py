@@ -15,9 +15,11 @@ from importlib import metadata
 from typing import Any
 
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
 from packaging.version import Version
 
 from authpool_server.server import DEFAULT_GRACE_SECONDS, LIVENESS, READINESS
+from bench.deployed import deployed_trace_sampling
 from tests.deploy.conftest import DEPLOY, OVERLAYS, ROOT, config_document, container, missing, only
 
 # Kubernetes versions the manifests must be valid for: the oldest we claim
@@ -331,3 +333,19 @@ def test_docs_and_readme_of_the_deploy_directory_name_the_real_files() -> None:
     readme = (DEPLOY / "k8s" / "README.md").read_text()
     for path in re.findall(r"`(deploy/[\w./-]+)`", readme + (ROOT / "docs" / "deployment.md").read_text()):
         assert (ROOT / path).exists(), f"{path} is named in the docs but does not exist"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_traces_are_sampled_as_the_benchmark_measures(
+    rendered: dict[str, list[dict[str, Any]]], overlay: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An unknown sampler name makes the SDK warn once and export every span: the cost `make bench`
+    # says the deployment avoids. The SDK itself must read what the pods get as the ratio sampler.
+    sampling = {
+        e["name"]: e["value"] for e in container(rendered[overlay])["env"] if "OTEL_TRACES_SAMPLER" in e["name"]
+    }
+    assert sampling == deployed_trace_sampling()
+    for name, value in sampling.items():
+        monkeypatch.setenv(name, value)
+    description = TracerProvider().sampler.get_description()
+    assert description.startswith("ParentBased{root:TraceIdRatioBased{0.01}"), description
