@@ -12,13 +12,16 @@ import json
 import logging
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 from authpool_client.api import authpool_pb2 as pb
 from authpool_client.api import authpool_pb2_grpc
+from google.protobuf import descriptor_pb2
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from authpool_server.api import authpool_pb2
 from authpool_server.logs import JsonFormatter
@@ -227,3 +230,64 @@ async def test_a_server_with_auth_on_and_no_tokens_refuses_to_start(tmp_path: Pa
     server = Server(make_spec(), data_dir=tmp_path, security=SecuritySettings(), listen="127.0.0.1:0")
     with pytest.raises(StartupRefused, match="AUTHPOOL_ADMIN_TOKEN"):
         await server.start()
+
+
+async def _served_methods(channel: grpc.aio.Channel) -> list[tuple[str, bool, bool]]:
+    """Every method of every service the server lists through reflection: (path, client streams, server streams)."""
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    asks = [reflection_pb2.ServerReflectionRequest(list_services="")]
+    replies = [reply async for reply in stub.ServerReflectionInfo(iter(asks))]
+    names = [service.name for service in replies[0].list_services_response.service]
+    asks = [reflection_pb2.ServerReflectionRequest(file_containing_symbol=name) for name in names]
+    replies = [reply async for reply in stub.ServerReflectionInfo(iter(asks))]
+    methods = []
+    for name, reply in zip(names, replies, strict=True):
+        package, _, service_name = name.rpartition(".")
+        for raw in reply.file_descriptor_response.file_descriptor_proto:
+            file = descriptor_pb2.FileDescriptorProto.FromString(raw)
+            for service in file.service:
+                if file.package == package and service.name == service_name:
+                    methods += [(f"/{name}/{m.name}", m.client_streaming, m.server_streaming) for m in service.method]
+    return methods
+
+
+async def _refusal(channel: grpc.aio.Channel, path: str, client_streams: bool, server_streams: bool) -> grpc.StatusCode:
+    """How a call of `path` with an empty message and no token ends."""
+    request: Any = iter([b""]) if client_streams else b""
+    if client_streams:
+        call = channel.stream_stream(path)(request, timeout=5)
+    elif server_streams:
+        call = channel.unary_stream(path)(request, timeout=5)
+    else:
+        call = channel.unary_unary(path)(request, timeout=5)
+    try:
+        if client_streams or server_streams:
+            async for _ in call:
+                pass
+        else:
+            await call
+    except grpc.aio.AioRpcError as error:
+        return error.code()
+    return grpc.StatusCode.OK
+
+
+async def test_every_method_the_server_serves_goes_through_the_chain(channel: grpc.aio.Channel, tmp_path: Path) -> None:
+    # The chain is wrapped into each handler as services are registered: a service registered
+    # around it would serve anyone. With nothing left open, every method must want a token.
+    methods = await _served_methods(channel)
+    assert {path.rpartition("/")[0] for path, _, _ in methods} == {
+        f"/{SERVICE_NAME}",
+        "/grpc.health.v1.Health",
+        "/grpc.reflection.v1alpha.ServerReflection",
+    }
+    security = SecuritySettings(tokens=auth_settings().tokens, open_services=frozenset())
+    closed = Server(
+        make_spec(), data_dir=tmp_path / "closed", security=security, listen="127.0.0.1:0", background=False
+    )
+    await closed.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{closed.port}") as closed_channel:
+            for method in methods:
+                assert await _refusal(closed_channel, *method) is grpc.StatusCode.UNAUTHENTICATED, method[0]
+    finally:
+        await closed.stop()
