@@ -24,7 +24,7 @@ import fcntl
 import json
 import os
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -40,10 +40,12 @@ from authpool_server.domain import (
 from authpool_server.errors import StartupRefused
 from authpool_server.ledger import SubscriptionFlags
 from authpool_server.store.base import Snapshot, WriteBatch, outbox_from_row, outbox_row, usage_row
+from authpool_server.store.sqlite_usage import USAGE_INDEXES, early_usage, spend_before
+from authpool_server.store.usage import UsagePlanner, everything
 
 __all__ = ["SQLiteStore", "data_dir_lock"]
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # What each version adds to the one before; applied in order at start.
 _MIGRATIONS = {
     2: (
@@ -51,6 +53,8 @@ _MIGRATIONS = {
         "ALTER TABLE usage ADD COLUMN provider_reset_at REAL NOT NULL DEFAULT 0",
     ),
     3: (),  # the outbox table, new in _SCHEMA (CREATE TABLE IF NOT EXISTS)
+    # The indexes the usage summary reads at start (a few seconds on a million rows, once).
+    4: USAGE_INDEXES,
 }
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -261,44 +265,57 @@ class SQLiteStore:
     async def _on_writer(self, fn, *args):  # type: ignore[no-untyped-def]
         return await asyncio.get_running_loop().run_in_executor(self._writer_thread, fn, *args)
 
-    async def open(self) -> Snapshot:
+    async def open(self, plan: UsagePlanner = everything) -> Snapshot:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock_fd = _lock(self.path, "starting another on the same data directory")
         try:
-            return await self._on_writer(self._open)
+            return await self._on_writer(self._open, plan)
         except BaseException:
             await self.close()
             raise
 
-    def _open(self) -> Snapshot:
+    def _open(self, plan: UsagePlanner) -> Snapshot:
         self._writer = self._connect()
         self._reader = self._connect()
         self._writer.executescript(_SCHEMA)
         version = self._meta("schema_version")
         if version is None:
+            for statement in USAGE_INDEXES:  # what migration 4 adds to an older database
+                self._writer.execute(statement)
             self._writer.execute(_SET_META, ("schema_version", str(SCHEMA_VERSION)))
         elif int(version) > SCHEMA_VERSION:
             raise RuntimeError(f"{self.path} has schema version {version}, newer than this server's {SCHEMA_VERSION}")
         else:
             self._migrate(int(version))
-        return self._load()
+        return self._load(plan)
 
-    async def load(self) -> Snapshot:
-        return await self._on_writer(self._load)
+    async def load(self, plan: UsagePlanner = everything) -> Snapshot:
+        return await self._on_writer(self._load, plan)
 
-    def _load(self) -> Snapshot:
+    def _load(self, plan: UsagePlanner) -> Snapshot:
         conn = self._writer
         assert conn is not None
+        # One read transaction: the usage summary agrees with the rest, whatever a backup or tool does meanwhile.
+        conn.execute("BEGIN")
+        try:
+            return self._read(conn, plan)
+        finally:
+            conn.execute("COMMIT")
+
+    def _read(self, conn: sqlite3.Connection, plan: UsagePlanner) -> Snapshot:
         live = [_lease_from_row(r) for r in conn.execute("SELECT * FROM leases WHERE ended_at IS NULL")]
         ended = [
             EndedLease(_lease_from_row(r), r["ended_at"])
             for r in conn.execute("SELECT * FROM leases WHERE ended_at IS NOT NULL")
         ]
-        usage = self._load_usage(conn)
         last_sequence = max(
             int(self._meta("last_sequence") or 0),
             conn.execute("SELECT COALESCE(MAX(sequence), 0) FROM events").fetchone()[0],
         )
+        newest = conn.execute("SELECT at FROM events WHERE sequence = ?", (last_sequence,)).fetchone()
+        usage_plan = plan(None if newest is None else newest[0])
+        usage = self._load_usage(conn, usage_plan.recent_since)
+        early = early_usage(conn, usage_plan)
         token = int(self._meta("fencing_token") or 0)
         flags = [
             SubscriptionFlags(r["subscription_id"], bool(r["draining"]), r["resumed_at"])
@@ -311,11 +328,11 @@ class SQLiteStore:
         delivered = conn.execute(
             "SELECT COUNT(*) FROM outbox WHERE state = ?", (DeliveryState.DELIVERED.value,)
         ).fetchone()[0]
-        return Snapshot(live, ended, usage, last_sequence, token, flags, outbox, delivered)
+        return Snapshot(live, ended, usage, last_sequence, token, flags, outbox, delivered, early=early)
 
     @staticmethod
-    def _load_usage(conn: sqlite3.Connection) -> list[UsageRecord]:
-        """Every retained usage record: a restart's longest step (a million rows in a busy week).
+    def _load_usage(conn: sqlite3.Connection, since: float) -> list[UsageRecord]:
+        """The usage records from `since` on, in time order (then insertion order, as `sqlite_usage` breaks ties).
 
         Plain tuples rather than `sqlite3.Row`, positional arguments, and each
         repeated string (model, subscription, lease and client ids) held once:
@@ -329,7 +346,9 @@ class SQLiteStore:
         cursor.row_factory = None
         rows = cursor.execute(
             "SELECT request_id, lease_id, client_id, subscription_id, fallback, at, cost_micros, input_tokens, "
-            "output_tokens, model, outcome, provider_remaining_ppm, provider_reset_at FROM usage"
+            "output_tokens, model, outcome, provider_remaining_ppm, provider_reset_at FROM usage WHERE at >= ? "
+            "ORDER BY at, rowid",
+            (since,),
         )
         return [
             UsageRecord(
@@ -448,6 +467,23 @@ class SQLiteStore:
         except BaseException:
             conn.execute("ROLLBACK")
             raise
+
+    async def charged(self, request_id: str) -> str | None:
+        return await asyncio.get_running_loop().run_in_executor(self._reader_thread, self._charged, request_id)
+
+    def _charged(self, request_id: str) -> str | None:
+        if self._reader is None:
+            raise RuntimeError("the store is closed")
+        row = self._reader.execute("SELECT subscription_id FROM usage WHERE request_id = ?", (request_id,)).fetchone()
+        return None if row is None else str(row[0])
+
+    async def spend_before(self, before: float, starts: Mapping[str, Sequence[float]]) -> dict[str, tuple[int, ...]]:
+        def read() -> dict[str, tuple[int, ...]]:
+            if self._reader is None:
+                raise RuntimeError("the store is closed")
+            return spend_before(self._reader, before, starts)
+
+        return await asyncio.get_running_loop().run_in_executor(self._reader_thread, read)
 
     async def events_after(self, sequence: int, limit: int) -> list[Event]:
         return await asyncio.get_running_loop().run_in_executor(
