@@ -146,7 +146,7 @@ class SubscriptionLedger:
         Right after the windows are set (and the flags, whose resume time
         decides which auth failures count), before any record. The
         forecast and error histories need none of them: they reach back only
-        as far as the recent records go (see `Pool._keep_seconds`).
+        as far as the recent records go (see `Pool._recent_seconds`).
         """
         if early.spend:
             self.window_usage += early.spend[0]

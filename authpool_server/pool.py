@@ -353,9 +353,9 @@ class Pool:
         return True
 
     @property
-    def _keep_seconds(self) -> float:
-        """How far back memory keeps whole usage records: what the forecast and the error rate read, and a margin."""
-        return max(self.spec.forecast_horizon_seconds, self.spec.error_window_seconds) + _RECENT_MARGIN_SECONDS
+    def _recent_seconds(self) -> float:
+        """How far back the ledgers read whole usage records: the forecast horizon, or the error window."""
+        return max(self.spec.forecast_horizon_seconds, self.spec.error_window_seconds)
 
     def _usage_plan(self, newest_event_at: float | None) -> UsagePlan:
         """What to load of the usage log (the store calls this while it loads)."""
@@ -370,7 +370,7 @@ class Pool:
             )
             for spec in self.spec.subscriptions
         }
-        return UsagePlan(now=now, recent_since=now - self._keep_seconds, starts=starts)
+        return UsagePlan(now=now, recent_since=now - self._recent_seconds, starts=starts)
 
     def _rebuild(self, snapshot: Snapshot) -> None:
         early = snapshot.early
@@ -495,8 +495,12 @@ class Pool:
         return total
 
     def _evict(self, now: float) -> None:
-        """Let go of the usage records the ledgers no longer read (they stay in the store), in steps."""
-        keep_since = now - self._keep_seconds
+        """Let go of the usage records the ledgers no longer read (they stay in the store), in steps.
+
+        With a margin: a report another replica made a moment ago, in its own time, must find its window's
+        spend here when it is caught up.
+        """
+        keep_since = now - self._recent_seconds - _RECENT_MARGIN_SECONDS
         if keep_since - self._kept_since < _EVICT_EVERY_SECONDS:
             return  # the common case: this runs before every decision
         self._kept_since = keep_since

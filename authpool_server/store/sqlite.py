@@ -27,6 +27,7 @@ import sqlite3
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from authpool_server.domain import (
     DeliveryState,
@@ -163,22 +164,23 @@ def _lease_row(lease: Lease, ended_at: float | None = None) -> tuple[object, ...
     )
 
 
-def _lease_from_row(row: sqlite3.Row) -> Lease:
-    return Lease(
-        lease_id=row["lease_id"],
-        client_id=row["client_id"],
-        session_id=row["session_id"],
-        subscription_id=row["subscription_id"],
-        fallback=bool(row["fallback"]),
-        granted_at=row["granted_at"],
-        expires_at=row["expires_at"],
-        fencing_token=row["fencing_token"],
-        acked_token=row["acked_token"],
-        last_used_at=row["last_used_at"],
-        wanted_type=row["wanted_type"],
-        labels=tuple((k, v) for k, v in json.loads(row["labels"])),
-        history=tuple((t, s) for t, s in json.loads(row["history"])),
-    )
+# The columns of `leases` in `Lease`'s field order, then `ended_at`.
+_SELECT_LEASES = (
+    "SELECT lease_id, client_id, session_id, subscription_id, fallback, granted_at, expires_at, fencing_token, "
+    "acked_token, last_used_at, wanted_type, labels, history, ended_at FROM leases WHERE ended_at IS "
+)
+
+
+def _pairs(text: str) -> tuple[tuple[Any, Any], ...]:
+    # Most leases have no labels and no history: skip the JSON parser for them (15,000 leases at scale).
+    return () if text == "[]" else tuple((a, b) for a, b in json.loads(text))
+
+
+def _lease_from_row(row: tuple[Any, ...]) -> Lease:
+    """A lease from a plain row of `_SELECT_LEASES` (positionally: a third of the time of a `Row` by name)."""
+    *head, wanted_type, labels, history, _ = row
+    head[4] = bool(head[4])
+    return Lease(*head, wanted_type, _pairs(labels), _pairs(history))  # type: ignore[arg-type]
 
 
 def _event_payload(event: Event) -> str:
@@ -303,11 +305,10 @@ class SQLiteStore:
             conn.execute("COMMIT")
 
     def _read(self, conn: sqlite3.Connection, plan: UsagePlanner) -> Snapshot:
-        live = [_lease_from_row(r) for r in conn.execute("SELECT * FROM leases WHERE ended_at IS NULL")]
-        ended = [
-            EndedLease(_lease_from_row(r), r["ended_at"])
-            for r in conn.execute("SELECT * FROM leases WHERE ended_at IS NOT NULL")
-        ]
+        rows = conn.cursor()
+        rows.row_factory = None
+        live = [_lease_from_row(r) for r in rows.execute(_SELECT_LEASES + "NULL")]
+        ended = [EndedLease(_lease_from_row(r), r[13]) for r in rows.execute(_SELECT_LEASES + "NOT NULL")]
         last_sequence = max(
             int(self._meta("last_sequence") or 0),
             conn.execute("SELECT COALESCE(MAX(sequence), 0) FROM events").fetchone()[0],
