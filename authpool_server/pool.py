@@ -272,7 +272,10 @@ class Pool:
         # alone, summarised into the ledgers at start, and found by request id there (`report_usage`).
         self._usage_log: deque[UsageRecord] = deque()
         self._kept_since = -math.inf
-        self._request_ids: dict[str, str] = {}  # request id -> subscription charged, for the records in the log
+        # Request id -> subscription charged: of the records in the log, and, on a store that gave them
+        # (`_early_ids` not None: where asking the store costs a round trip), of every retained record.
+        self._request_ids: dict[str, str] = {}
+        self._early_ids: deque[tuple[float, str]] | None = None  # (time, request id) older than the log
         # (time, cost) of the fallback records older than the log, until pruned: they count in `_fallback_usage`.
         self._early_fallback: deque[tuple[float, int]] = deque()
         self._fallback_usage = 0
@@ -408,6 +411,10 @@ class Pool:
         self._usage_log = deque()
         self._kept_since = early.plan.recent_since
         self._request_ids = {}
+        self._early_ids = None
+        if early.request_ids is not None:
+            self._early_ids = deque((at, request_id) for at, request_id, _ in early.request_ids)
+            self._request_ids = {request_id: sid for _, request_id, sid in early.request_ids}
         self._early_fallback = deque(early.fallback)
         self._fallback_usage = sum(cost for _, cost in early.fallback)
         for record in sorted(snapshot.usage, key=lambda record: record.at):
@@ -506,7 +513,10 @@ class Pool:
         self._kept_since = keep_since
         while self._usage_log and self._usage_log[0].at < keep_since:
             record = self._usage_log.popleft()
-            self._request_ids.pop(record.request_id, None)
+            if self._early_ids is not None:
+                self._early_ids.append((record.at, record.request_id))
+            else:
+                self._request_ids.pop(record.request_id, None)
             if record.fallback:
                 self._early_fallback.append((record.at, record.cost_micros))
 
@@ -950,11 +960,12 @@ class Pool:
         self._check_ready()
         charged = self._request_ids.get(report.request_id)
         if charged is None:
-            # Memory holds the recent records only (`_kept_since`); an older one is in the store alone.
-            # Anything this misses was written since it looked, and is in memory by the decision.
-            charged = await self._store.charged(report.request_id)
-            if charged is not None:
-                return UsageAck(duplicate=True, subscription_id=charged)
+            if self._early_ids is None:
+                # Memory holds the recent records only (`_kept_since`); an older one is in the store alone.
+                # Anything this misses was written since it looked, and is in memory by the decision.
+                charged = await self._store.charged(report.request_id)
+                if charged is not None:
+                    return UsageAck(duplicate=True, subscription_id=charged)
         # With replicas the first report may be on another one: ask under the lock.
         elif self._locked is None:
             # The first report may still be on its way to disk.
@@ -1367,6 +1378,8 @@ class Pool:
         """Drop from memory what `horizon` prunes (other replicas do it when they apply the write)."""
         while self._early_fallback and self._early_fallback[0][0] < horizon.usage_before:
             self._fallback_usage -= self._early_fallback.popleft()[1]
+        while self._early_ids and self._early_ids[0][0] < horizon.usage_before:
+            self._request_ids.pop(self._early_ids.popleft()[1], None)
         # A retention shorter than the forecast horizon prunes records memory still holds.
         while self._usage_log and self._usage_log[0].at < horizon.usage_before:
             record = self._usage_log.popleft()
@@ -1432,6 +1445,7 @@ class Pool:
             "usage_records": len(self._usage_log),
             "usage_request_ids": len(self._request_ids),
             "early_fallback_records": len(self._early_fallback),
+            "early_request_ids": len(self._early_ids or ()),
             "unsettled_writes": len(self._unsettled),
             "commit_queue_depth": (self._locked or self._committer).queue_depth,
             "watcher_backlogs": self.events.watcher_backlogs(),

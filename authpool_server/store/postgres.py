@@ -670,10 +670,11 @@ class PostgresStore:
             ]
             # Every record still comes to Python here, and `summarize` does in Python what the embedded store
             # does in SQL: replicas load as before, and the embedded store is the one a restart's time is measured on.
+            # They keep every request id too: asking for one here would cost each usage report a round trip.
             usage = [_usage_from_row(r) for r in await (await conn.execute(s.usage)).fetchall()]
             token, last_sequence, version = await (await conn.execute(s.counters)).fetchone() or (0, 0, 0)
             newest = await (await conn.execute(s.event_at, (last_sequence,))).fetchone()
-            recent, early = summarize(usage, plan(None if newest is None else newest[0]))
+            recent, early = summarize(usage, plan(None if newest is None else newest[0]), request_ids=True)
             flags = [SubscriptionFlags(*r) for r in await (await conn.execute(s.flags)).fetchall()]
             delivered_state = (DeliveryState.DELIVERED.value,)
             outbox = [outbox_from_row(r) for r in await (await conn.execute(s.undelivered, delivered_state)).fetchall()]

@@ -76,6 +76,9 @@ class EarlyUsage:
     subscriptions: Mapping[str, EarlySpend] = field(default_factory=dict)
     # (time, cost) of each fallback record, in time order: their sum is reported, and pruned with them.
     fallback: list[tuple[float, int]] = field(default_factory=list)
+    # (time, request id, subscription charged) of every record, in time order, from a store that gives
+    # them (where asking by request id costs a round trip); None: ask the store with `Store.charged`.
+    request_ids: list[tuple[float, str, str]] | None = None
 
 
 @dataclass(slots=True)
@@ -88,8 +91,10 @@ class _Tally:
     auth_failures: list[float] = field(default_factory=list)
 
 
-def summarize(records: Iterable[UsageRecord], plan: UsagePlan) -> tuple[list[UsageRecord], EarlyUsage]:
-    """The recent records in time order, and the summary of the others, by `plan`.
+def summarize(
+    records: Iterable[UsageRecord], plan: UsagePlan, *, request_ids: bool = False
+) -> tuple[list[UsageRecord], EarlyUsage]:
+    """The recent records in time order, and the summary of the others, by `plan` (with their request ids if asked).
 
     `records` come in the store's own order, which breaks ties in time.
     """
@@ -97,9 +102,12 @@ def summarize(records: Iterable[UsageRecord], plan: UsagePlan) -> tuple[list[Usa
     recent = [record for record in ordered if record.at >= plan.recent_since]
     tallies = {sid: _Tally([0] * len(starts)) for sid, starts in plan.starts.items()}
     fallback: list[tuple[float, int]] = []
+    ids: list[tuple[float, str, str]] | None = [] if request_ids and plan.recent_since > -math.inf else None
     for record in ordered:
         if record.at >= plan.recent_since:
             break
+        if ids is not None:
+            ids.append((record.at, record.request_id, record.subscription_id))
         if record.fallback:
             fallback.append((record.at, record.cost_micros))
             continue
@@ -135,4 +143,4 @@ def summarize(records: Iterable[UsageRecord], plan: UsagePlan) -> tuple[list[Usa
         )
         for sid, t in tallies.items()
     }
-    return recent, EarlyUsage(plan, early, fallback)
+    return recent, EarlyUsage(plan, early, fallback, ids)
