@@ -6,9 +6,10 @@ cooldowns and the auth-failure streak are made of. It hands the balancer an
 immutable `SubscriptionLoad` as of a given time, rebuilt only when something
 changed, because every Allocate reads every subscription's load.
 
-Only the pool writes to ledgers; it rebuilds them from the store at start by
-replaying the usage records in time order, so nothing here is persisted but
-the operator's flags (`SubscriptionFlags`).
+Only the pool writes to ledgers; it rebuilds them from the store at start:
+each absorbs the summary of its older usage records (`absorb`), then
+replays the recent ones in time order, so nothing here is persisted but the
+operator's flags (`SubscriptionFlags`).
 """
 
 from __future__ import annotations
@@ -16,9 +17,13 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from authpool_server.balancer import SubscriptionLoad
 from authpool_server.domain import PPM, BudgetReset, Outcome, PoolSpec, SubscriptionSpec
+
+if TYPE_CHECKING:
+    from authpool_server.store.usage import EarlySpend
 
 __all__ = ["SubscriptionFlags", "SubscriptionLedger"]
 
@@ -134,6 +139,30 @@ class SubscriptionLedger:
         self.extra_windows[index] = window
         self.extra_usage[index] = usage
         self._load = None
+
+    def absorb(self, early: EarlySpend) -> None:
+        """Take in the summary of the records before the recent ones, as if each had been recorded.
+
+        Right after the windows are set (and the flags, whose resume time
+        decides which auth failures count), before any record. The
+        forecast and error histories need none of them: they reach back only
+        as far as the recent records go (see `Pool._recent_seconds`).
+        """
+        if early.spend:
+            self.window_usage += early.spend[0]
+            for index, spend in enumerate(early.spend[1 : len(self.extra_usage) + 1]):
+                self.extra_usage[index] += spend
+        if early.provider_remaining_ppm is not None:
+            budget = self.spec.weekly_budget_micros
+            self._provider_used = budget - budget * early.provider_remaining_ppm // PPM
+        self._since_provider = early.spent_since_provider
+        if early.provider_reset_at is not None:
+            self.learned_anchor = early.provider_reset_at
+            self.window = (self.window[0], early.provider_reset_at)
+        self.rate_limited_at = max(self.rate_limited_at, early.rate_limited_at)
+        self._auth_failures_in_a_row = sum(1 for at in early.auth_failures if at >= self.flags.resumed_at)
+        self._load = None
+        self._forget_due = -math.inf
 
     def record(
         self,

@@ -39,6 +39,7 @@ from authpool_server.balancer import Forecast, Placement, PlannedMove, Refusal, 
 from authpool_server.committer import Committer
 from authpool_server.domain import (
     PPM,
+    BudgetReset,
     DecisionKind,
     DeliveryState,
     EndedLease,
@@ -67,6 +68,7 @@ from authpool_server.notifications import Rules, log_notification
 from authpool_server.outbox import Attempt, Outbox, OutboxStatus
 from authpool_server.store.base import PruneHorizon, Snapshot, Store, WriteBatch
 from authpool_server.store.replication import CatchUp, Change, SharedStore
+from authpool_server.store.usage import UsagePlan
 
 __all__ = [
     "Allocation",
@@ -86,6 +88,22 @@ _PRUNE_EVERY_SECONDS = 600.0
 # moment earlier and this one learned of later: reading it back from the newest end, `_usage_since`
 # goes this far past the start before it stops.
 _USAGE_ORDER_SLACK_SECONDS = 600.0
+# Memory keeps each usage record this much longer than the forecast horizon (or error window) needs it,
+# and lets the old ones go in steps this long, so a reload's recount (see `reconfigure`) rarely races one.
+_RECENT_MARGIN_SECONDS = 3600.0
+_EVICT_EVERY_SECONDS = 600.0
+
+
+class _Recount(Exception):
+    """A reconfiguration needs spend from before what memory holds that it did not fetch: fetch again."""
+
+
+@dataclass(frozen=True, slots=True)
+class _EarlySpend:
+    """Spend fetched from the store for a reconfiguration: per (subscription, window start), up to `before`."""
+
+    before: float
+    spend: dict[tuple[str, float], int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,6 +208,17 @@ def _written_keys(batch: WriteBatch) -> Iterator[str]:
 _Result = TypeVar("_Result")
 
 
+def _moved_extra_windows(old: SubscriptionSpec, new: SubscriptionSpec) -> list[int]:
+    """The extra windows of `new` whose schedule differs from `old`'s (all, if their number changed)."""
+    if len(old.extra_windows) != len(new.extra_windows):
+        return list(range(len(new.extra_windows)))
+    return [
+        index
+        for index, (before, after) in enumerate(zip(old.extra_windows, new.extra_windows, strict=True))
+        if (before.length_seconds, before.anchor) != (after.length_seconds, after.anchor)
+    ]
+
+
 @contextlib.contextmanager
 def _collector_paused() -> Iterator[None]:
     """No cyclic garbage collection while the state loads.
@@ -239,8 +268,16 @@ class Pool:
         # as they change so a decision never rebuilds them (Allocate is the hot path).
         self._ledgers: dict[str, SubscriptionLedger] = {}
         self._statuses: dict[str, SubscriptionStatus] = {}
-        self._usage_log: deque[UsageRecord] = deque()  # in time order, for pruning
-        self._request_ids: dict[str, str] = {}  # request id -> subscription charged
+        # The recent usage records, in time order: from `_kept_since` on. Older ones are in the store
+        # alone, summarised into the ledgers at start, and found by request id there (`report_usage`).
+        self._usage_log: deque[UsageRecord] = deque()
+        self._kept_since = -math.inf
+        # Request id -> subscription charged: of the records in the log, and, on a store that gave them
+        # (`_early_ids` not None: where asking the store costs a round trip), of every retained record.
+        self._request_ids: dict[str, str] = {}
+        self._early_ids: deque[tuple[float, str]] | None = None  # (time, request id) older than the log
+        # (time, cost) of the fallback records older than the log, until pruned: they count in `_fallback_usage`.
+        self._early_fallback: deque[tuple[float, int]] = deque()
         self._fallback_usage = 0
         self._sequence = 0
         self._token = 0
@@ -268,8 +305,7 @@ class Pool:
     async def start(self, *, background: bool = True) -> None:
         """Open the store, rebuild state from it and start committing."""
         with _collector_paused():
-            snapshot = await self._store.open()
-            self._rebuild(snapshot, await self._last_change_at(snapshot))
+            self._rebuild(await self._store.open(self._usage_plan))
         if self._locked is not None and self._shared is not None:
             self._locked.start()
             self._follower = asyncio.create_task(
@@ -319,18 +355,30 @@ class Pool:
             return False
         return True
 
-    async def _last_change_at(self, snapshot: Snapshot) -> float | None:
-        """When the newest durable event happened: the statuses it records hold as of then."""
-        if not snapshot.last_sequence:
-            return None
-        newest = await self._store.events_after(snapshot.last_sequence - 1, 1)
-        return newest[0].at if newest else None
+    @property
+    def _recent_seconds(self) -> float:
+        """How far back the ledgers read whole usage records: the forecast horizon, or the error window."""
+        return max(self.spec.forecast_horizon_seconds, self.spec.error_window_seconds)
 
-    def _rebuild(self, snapshot: Snapshot, as_of: float | None) -> None:
+    def _usage_plan(self, newest_event_at: float | None) -> UsagePlan:
+        """What to load of the usage log (the store calls this while it loads)."""
         # State is rebuilt as of the last recorded change, not now: a window
         # that ended while the server was down then rolls on the next call,
         # which records its status changes like any other.
-        now = self._clock() if as_of is None else min(as_of, self._clock())
+        now = self._clock() if newest_event_at is None else min(newest_event_at, self._clock())
+        starts = {
+            spec.id: (
+                balancer.window_bounds(now, spec.reset)[0],
+                *(balancer.extra_window_bounds(now, window)[0] for window in spec.extra_windows),
+            )
+            for spec in self.spec.subscriptions
+        }
+        return UsagePlan(now=now, recent_since=now - self._recent_seconds, starts=starts)
+
+    def _rebuild(self, snapshot: Snapshot) -> None:
+        early = snapshot.early
+        # A store given the plan always answers with it; the fallback is for a store that ignores plans.
+        now = early.plan.now if early.plan.now is not None else self._clock()
         self._leases = {lease.lease_id: lease for lease in snapshot.live_leases}
         self._lease_of_client = {lease.client_id: lease.lease_id for lease in snapshot.live_leases}
         self._ended = {ended.lease.lease_id: ended for ended in snapshot.ended_leases}
@@ -357,9 +405,18 @@ class Pool:
         self._token = snapshot.fencing_token
         self.version = snapshot.version
         self.events.last_sequence = snapshot.last_sequence
+        for sid, spend in early.subscriptions.items():
+            if sid in self._ledgers:
+                self._ledgers[sid].absorb(spend)
         self._usage_log = deque()
+        self._kept_since = early.plan.recent_since
         self._request_ids = {}
-        self._fallback_usage = 0
+        self._early_ids = None
+        if early.request_ids is not None:
+            self._early_ids = deque((at, request_id) for at, request_id, _ in early.request_ids)
+            self._request_ids = {request_id: sid for _, request_id, sid in early.request_ids}
+        self._early_fallback = deque(early.fallback)
+        self._fallback_usage = sum(cost for _, cost in early.fallback)
         for record in sorted(snapshot.usage, key=lambda record: record.at):
             # Spend after the as-of time belongs to windows the next decision rolls into.
             self._count_usage(record, in_ledger=record.at <= now)
@@ -380,8 +437,8 @@ class Pool:
         published = self.events.last_sequence
         while True:
             try:
-                snapshot = await self._store.load()
-                self._rebuild(snapshot, await self._last_change_at(snapshot))
+                snapshot = await self._store.load(self._usage_plan)
+                self._rebuild(snapshot)
                 await self._publish_missed(published, snapshot.last_sequence)
             except Exception:
                 log.exception("reloading state from the store failed; retrying in 1s")
@@ -406,21 +463,35 @@ class Pool:
             self.events.publish(page)
         self.events.last_sequence = last
 
-    def _roll_window(self, ledger: SubscriptionLedger, now: float) -> None:
+    def _roll_window(self, ledger: SubscriptionLedger, now: float, early: _EarlySpend | None = None) -> None:
         window = balancer.window_bounds(now, ledger.reset)
-        ledger.roll(window, self._usage_since(ledger.spec.id, window[0]))
+        ledger.roll(window, self._usage_since(ledger.spec.id, window[0], early))
 
-    def _usage_since(self, subscription_id: str, start: float) -> int:
-        """A subscription's spend from `start` on, from the usage log.
+    def _usage_since(self, subscription_id: str, start: float, early: _EarlySpend | None = None) -> int:
+        """A subscription's spend from `start` on, from the usage log (and `early`, for before it).
 
         Read from the newest record back: when a week's windows roll (every
         subscription's at once, Monday 00:00 UTC by default) each reads only
         the few records since, not the whole retention (a thousand
         subscriptions times a million records would stall every call for a
         minute).
+
+        A window rolls only once a decision finds it ended, and memory lets
+        records go only in decisions, after the rolls: a window a roll enters
+        began after the last decision, so its records are all in the log. Only
+        a reload that moves a window's start (`reconfigure`) reaches further
+        back, with what it fetched from the store as `early`.
         """
-        stop = start - _USAGE_ORDER_SLACK_SECONDS
         total = 0
+        if start < self._kept_since and early is not None:
+            # `_reconfigure` checked before it changed anything: this is a bug, not a race.
+            if (subscription_id, start) not in early.spend or early.before < self._kept_since:
+                raise RuntimeError(f"the spend of {subscription_id} since {start} is older than memory holds")
+            total = early.spend[subscription_id, start]
+            start = early.before
+        elif start < self._kept_since:
+            log.error("the spend of %s since %s is older than memory: counting what it holds", subscription_id, start)
+        stop = start - _USAGE_ORDER_SLACK_SECONDS
         for record in reversed(self._usage_log):
             if record.at < start:
                 if record.at < stop:
@@ -429,6 +500,25 @@ class Pool:
             if record.subscription_id == subscription_id and not record.fallback:
                 total += record.cost_micros
         return total
+
+    def _evict(self, now: float) -> None:
+        """Let go of the usage records the ledgers no longer read (they stay in the store), in steps.
+
+        With a margin: a report another replica made a moment ago, in its own time, must find its window's
+        spend here when it is caught up.
+        """
+        keep_since = now - self._recent_seconds - _RECENT_MARGIN_SECONDS
+        if keep_since - self._kept_since < _EVICT_EVERY_SECONDS:
+            return  # the common case: this runs before every decision
+        self._kept_since = keep_since
+        while self._usage_log and self._usage_log[0].at < keep_since:
+            record = self._usage_log.popleft()
+            if self._early_ids is not None:
+                self._early_ids.append((record.at, record.request_id))
+            else:
+                self._request_ids.pop(record.request_id, None)
+            if record.fallback:
+                self._early_fallback.append((record.at, record.cost_micros))
 
     # -- helpers -------------------------------------------------------------
 
@@ -644,6 +734,7 @@ class Pool:
         now = self._clock()
         batch = WriteBatch()
         self._advance(now, batch)
+        self._evict(now)
         try:
             result = decide(now, batch)
         except BaseException:
@@ -660,6 +751,7 @@ class Pool:
         """One decision of a locked cycle, on a state that includes every replica's writes."""
         now = self._clock()
         self._advance(now, batch)
+        self._evict(now)
         return decide(now, batch)
 
     # -- replication (a store shared by replicas) ------------------------------
@@ -865,10 +957,17 @@ class Pool:
 
     async def report_usage(self, report: UsageReport) -> UsageAck:
         """Record one provider request's cost, once per request id."""
+        self._check_ready()
         charged = self._request_ids.get(report.request_id)
+        if charged is None:
+            if self._early_ids is None:
+                # Memory holds the recent records only (`_kept_since`); an older one is in the store alone.
+                # Anything this misses was written since it looked, and is in memory by the decision.
+                charged = await self._store.charged(report.request_id)
+                if charged is not None:
+                    return UsageAck(duplicate=True, subscription_id=charged)
         # With replicas the first report may be on another one: ask under the lock.
-        if charged is not None and self._locked is None:
-            self._check_ready()
+        elif self._locked is None:
             # The first report may still be on its way to disk.
             await self._settled(_usage_key(report.request_id))
             return UsageAck(duplicate=True, subscription_id=charged)
@@ -1069,13 +1168,60 @@ class Pool:
         """
         running, rules = self.spec, self._rules
         try:
-            return await self._apply(lambda now, batch: self._reconfigure(spec, now, batch))
+            while True:
+                early = await self._fetch_early_spend(spec)
+                try:
+                    return await self._apply(
+                        lambda now, batch, early=early: self._reconfigure(spec, early, now, batch)  # type: ignore[misc]
+                    )
+                except _Recount:
+                    continue  # a window moved on, or memory let records go, since the fetch: rarely twice
         except BaseException:
             # Not durable: the reload that follows a failed write must rebuild the running config.
             self.spec, self._rules = running, rules
             raise
 
-    def _reconfigure(self, spec: PoolSpec, now: float, batch: WriteBatch) -> Reconfiguration:
+    async def _fetch_early_spend(self, spec: PoolSpec) -> _EarlySpend:
+        """The spend from before what memory holds that reconfiguring to `spec` would recount, from the store."""
+        before = self._kept_since
+        starts = self._recount_starts(spec, self._clock())
+        fetched = await self._store.spend_before(before, starts) if starts else {}
+        spend = {
+            (sid, start): total
+            for sid, totals in fetched.items()
+            for start, total in zip(starts[sid], totals, strict=True)
+        }
+        return _EarlySpend(before, spend)
+
+    def _recount_starts(self, spec: PoolSpec, now: float) -> dict[str, tuple[float, ...]]:
+        """The window starts, older than memory, from which reconfiguring to `spec` at `now` recounts spend.
+
+        As `_new_ledger` and `_reschedule` find them.
+        """
+        needed: dict[str, tuple[float, ...]] = {}
+        for sub in spec.subscriptions:
+            ledger = self._ledgers.get(sub.id)
+            starts: list[float] = []
+            if ledger is None:
+                starts.append(balancer.window_bounds(now, sub.reset)[0])
+                moved: Iterable[int] = range(len(sub.extra_windows))
+            else:
+                if ledger.spec.reset != sub.reset:
+                    reset = sub.reset if ledger.learned_anchor is None else BudgetReset(anchor=ledger.learned_anchor)
+                    starts.append(balancer.window_bounds(now, reset)[0])
+                moved = _moved_extra_windows(ledger.spec, sub)
+            starts.extend(balancer.extra_window_bounds(now, sub.extra_windows[index])[0] for index in moved)
+            old = tuple(start for start in starts if start < self._kept_since)
+            if old:
+                needed[sub.id] = old
+        return needed
+
+    def _reconfigure(self, spec: PoolSpec, early: _EarlySpend, now: float, batch: WriteBatch) -> Reconfiguration:
+        needed = self._recount_starts(spec, now)
+        if needed and early.before < self._kept_since:
+            raise _Recount  # before anything changed
+        if any((sid, start) not in early.spend for sid, starts in needed.items() for start in starts):
+            raise _Recount
         spec = replace(spec, webhooks_enabled=self.spec.webhooks_enabled)
         self._next_roll = -math.inf  # subscriptions may join, and schedules change
         before = {sub.id: sub for sub in self.spec.subscriptions}
@@ -1087,7 +1233,7 @@ class Pool:
         for sub in spec.subscriptions:
             ledger = self._ledgers.get(sub.id)
             if ledger is None:
-                self._ledgers[sub.id] = ledger = self._new_ledger(sub, now)
+                self._ledgers[sub.id] = ledger = self._new_ledger(sub, now, early)
                 added.append(sub.id)
             else:
                 if sub.id in self._retired:
@@ -1095,7 +1241,7 @@ class Pool:
                     added.append(sub.id)
                 elif sub != before.get(sub.id):
                     changed.append(sub.id)
-                self._reschedule(ledger, sub, spec, now)
+                self._reschedule(ledger, sub, spec, now, early)
             self._note_status(sub.id, batch, now)
         removed = [sid for sid in self._ledgers if sid not in after and sid not in self._retired]
         for sid in removed:
@@ -1120,7 +1266,9 @@ class Pool:
         )
         return Reconfiguration(tuple(added), tuple(removed), tuple(changed), pool_changed, moved)
 
-    def _reschedule(self, ledger: SubscriptionLedger, sub: SubscriptionSpec, spec: PoolSpec, now: float) -> None:
+    def _reschedule(
+        self, ledger: SubscriptionLedger, sub: SubscriptionSpec, spec: PoolSpec, now: float, early: _EarlySpend
+    ) -> None:
         """Give `ledger` the reloaded `sub`, re-reckoning only the windows whose schedule changed.
 
         A budget alone changing keeps the window, and what the provider said
@@ -1129,30 +1277,23 @@ class Pool:
         """
         old = ledger.spec
         reset_changed = old.reset != sub.reset
-        if len(old.extra_windows) == len(sub.extra_windows):
-            moved = [
-                index
-                for index, (before, after) in enumerate(zip(old.extra_windows, sub.extra_windows, strict=True))
-                if (before.length_seconds, before.anchor) != (after.length_seconds, after.anchor)
-            ]
-        else:
-            moved = list(range(len(sub.extra_windows)))
+        moved = _moved_extra_windows(old, sub)
         ledger.respec(sub, spec)
         if reset_changed:
-            self._roll_window(ledger, now)
+            self._roll_window(ledger, now, early)
         for index in moved:
             window = balancer.extra_window_bounds(now, sub.extra_windows[index])
-            ledger.roll_extra(index, window, self._usage_since(sub.id, window[0]))
+            ledger.roll_extra(index, window, self._usage_since(sub.id, window[0], early))
 
-    def _new_ledger(self, sub: SubscriptionSpec, now: float) -> SubscriptionLedger:
+    def _new_ledger(self, sub: SubscriptionSpec, now: float, early: _EarlySpend) -> SubscriptionLedger:
         """A ledger for a subscription that joins the pool: its spend and clients from what memory holds."""
         ledger = SubscriptionLedger(sub, self.spec, balancer.window_bounds(now, sub.reset))
         if sub.id in self._flags:
             ledger.set_flags(self._flags[sub.id])  # drained before it left the config: still drained
-        self._roll_window(ledger, now)
+        self._roll_window(ledger, now, early)
         for index, window in enumerate(sub.extra_windows):
             bounds = balancer.extra_window_bounds(now, window)
-            ledger.roll_extra(index, bounds, self._usage_since(sub.id, bounds[0]))
+            ledger.roll_extra(index, bounds, self._usage_since(sub.id, bounds[0], early))
         ledger.add_clients(sum(1 for lease in self._leases.values() if lease.subscription_id == sub.id))
         return ledger
 
@@ -1235,6 +1376,11 @@ class Pool:
 
     def _forget(self, horizon: PruneHorizon) -> None:
         """Drop from memory what `horizon` prunes (other replicas do it when they apply the write)."""
+        while self._early_fallback and self._early_fallback[0][0] < horizon.usage_before:
+            self._fallback_usage -= self._early_fallback.popleft()[1]
+        while self._early_ids and self._early_ids[0][0] < horizon.usage_before:
+            self._request_ids.pop(self._early_ids.popleft()[1], None)
+        # A retention shorter than the forecast horizon prunes records memory still holds.
         while self._usage_log and self._usage_log[0].at < horizon.usage_before:
             record = self._usage_log.popleft()
             self._request_ids.pop(record.request_id, None)
@@ -1298,6 +1444,8 @@ class Pool:
             "ended_leases": len(self._ended),
             "usage_records": len(self._usage_log),
             "usage_request_ids": len(self._request_ids),
+            "early_fallback_records": len(self._early_fallback),
+            "early_request_ids": len(self._early_ids or ()),
             "unsettled_writes": len(self._unsettled),
             "commit_queue_depth": (self._locked or self._committer).queue_depth,
             "watcher_backlogs": self.events.watcher_backlogs(),

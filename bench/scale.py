@@ -18,8 +18,9 @@ directory under ``var/bench``, then:
   (``scale_p50_ratio``), with server CPU per Allocate beside it.
 
 The usage records are spread over the six days before now, so all of them
-are within the retention and rebuilt at start; their costs are small enough
-that no budget is ever near its limit. One JSON document goes to stdout or
+are within the retention and count at start (the last six hours' loaded
+whole, the rest summarised in SQL: see `authpool_server/store/usage.py`);
+their costs are small enough that no budget is ever near its limit. One JSON document goes to stdout or
 ``--out``.
 """
 

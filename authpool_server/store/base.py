@@ -4,7 +4,10 @@ The pool is the only writer. It decides in memory, then hands the store a
 `WriteBatch` holding everything the decision changed, including its events;
 `write` returns only once the batch is durable, and batches are applied in
 the order they were written, so event sequence numbers are committed in
-order. At start the pool rebuilds its state from `open()`'s `Snapshot`.
+order. At start the pool rebuilds its state from `open()`'s `Snapshot`: the
+usage log comes back as the pool's `UsagePlan` asks, the recent records in
+full and the rest summarised (see `usage.py`); a usage record older than
+what the pool keeps in memory is found by its request id with `charged`.
 
 A store for several replicas (PostgreSQL) implements the same contract and
 `replication.SharedStore`: decisions are taken under a lock on the pool, and
@@ -13,12 +16,13 @@ each replica catches up on the others' writes from the change and event logs.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from authpool_server.domain import DeliveryState, EndedLease, Event, Lease, OutboxEntry, Severity, UsageRecord
 from authpool_server.ledger import SubscriptionFlags
+from authpool_server.store.usage import EarlyUsage, UsagePlanner, everything
 
 __all__ = [
     "PruneHorizon",
@@ -74,6 +78,7 @@ class Snapshot:
 
     live_leases: list[Lease]
     ended_leases: list[EndedLease]
+    # The usage records from the plan's `recent_since` on (all of them by default), in time order.
     usage: list[UsageRecord]
     last_sequence: int
     fencing_token: int
@@ -84,15 +89,30 @@ class Snapshot:
     delivered_notifications: int = 0
     # Writes committed so far (a shared store's position in its change log; 0 elsewhere).
     version: int = 0
+    # The usage records before the plan's `recent_since`, summarised (nothing, by default).
+    early: EarlyUsage = field(default_factory=EarlyUsage)
 
 
 class Store(Protocol):
-    async def open(self) -> Snapshot:
-        """Create or migrate the schema and load the state."""
+    async def open(self, plan: UsagePlanner = everything) -> Snapshot:
+        """Create or migrate the schema and load the state, the usage log as `plan` asks.
+
+        `plan` is called once, with the time of the newest event (the one
+        numbered `last_sequence`, None if it is not retained), and in the same
+        consistent read as the rest of the snapshot.
+        """
         ...
 
-    async def load(self) -> Snapshot:
+    async def load(self, plan: UsagePlanner = everything) -> Snapshot:
         """Load the durable state again (after a failed write left memory ahead of it)."""
+        ...
+
+    async def charged(self, request_id: str) -> str | None:
+        """The subscription the retained usage record with `request_id` was charged to, or None."""
+        ...
+
+    async def spend_before(self, before: float, starts: Mapping[str, Sequence[float]]) -> dict[str, tuple[int, ...]]:
+        """Per subscription, its spend (not fallback) from each of its `starts` up to `before`."""
         ...
 
     async def write(self, batch: WriteBatch) -> None:

@@ -6,9 +6,12 @@ a "restart" must come back to the same state.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 from authpool_server.domain import DeliveryState, EndedLease, Event, Lease, OutboxEntry, UsageRecord
 from authpool_server.ledger import SubscriptionFlags
 from authpool_server.store.base import Snapshot, WriteBatch, undelivered
+from authpool_server.store.usage import UsagePlanner, everything, summarize
 
 __all__ = ["MemoryStore"]
 
@@ -26,20 +29,40 @@ class MemoryStore:
         self.writes = 0
         self.fail_next_write: Exception | None = None
 
-    async def open(self) -> Snapshot:
-        return await self.load()
+    async def open(self, plan: UsagePlanner = everything) -> Snapshot:
+        return await self.load(plan)
 
-    async def load(self) -> Snapshot:
+    async def load(self, plan: UsagePlanner = everything) -> Snapshot:
+        newest = self.events[-1] if self.events and self.events[-1].sequence == self.last_sequence else None
+        recent, early = summarize(self.usage.values(), plan(newest.at if newest else None))
         return Snapshot(
             live_leases=list(self.leases.values()),
             ended_leases=list(self.ended.values()),
-            usage=list(self.usage.values()),
+            usage=recent,
             last_sequence=self.last_sequence,
             fencing_token=self.fencing_token,
             flags=list(self.flags.values()),
             outbox=undelivered(list(self.outbox.values())),
             delivered_notifications=sum(e.state is DeliveryState.DELIVERED for e in self.outbox.values()),
+            early=early,
         )
+
+    async def charged(self, request_id: str) -> str | None:
+        record = self.usage.get(request_id)
+        return None if record is None else record.subscription_id
+
+    async def spend_before(self, before: float, starts: Mapping[str, Sequence[float]]) -> dict[str, tuple[int, ...]]:
+        return {
+            sid: tuple(
+                sum(
+                    u.cost_micros
+                    for u in self.usage.values()
+                    if u.subscription_id == sid and not u.fallback and since <= u.at < before
+                )
+                for since in sub_starts
+            )
+            for sid, sub_starts in starts.items()
+        }
 
     async def write(self, batch: WriteBatch) -> None:
         if self.fail_next_write is not None:

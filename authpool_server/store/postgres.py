@@ -49,7 +49,7 @@ import re
 import socket
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from time import monotonic
@@ -74,6 +74,7 @@ from authpool_server.errors import StartupRefused, StoreUnavailable
 from authpool_server.ledger import SubscriptionFlags
 from authpool_server.store.base import Snapshot, WriteBatch, outbox_from_row, outbox_row, usage_row
 from authpool_server.store.replication import CatchUp, ReplicaBehind, decode_change, encode_change
+from authpool_server.store.usage import UsagePlanner, everything, summarize
 
 __all__ = ["Migration", "PostgresStore", "lock_key", "migrate", "migrations"]
 
@@ -546,6 +547,12 @@ class _Statements:
             "SELECT {columns} FROM {s}.leases WHERE ended_at IS NOT NULL ORDER BY granted_at, lease_id", _LEASE_COLUMNS
         )
         self.usage = q("SELECT {columns} FROM {s}.usage ORDER BY at, request_id", _USAGE_COLUMNS)
+        self.event_at = q("SELECT at FROM {s}.events WHERE sequence = %s")
+        self.charged = q("SELECT subscription_id FROM {s}.usage WHERE request_id = %s")
+        self.spend = q(
+            "SELECT COALESCE(SUM(cost_micros), 0) FROM {s}.usage"
+            " WHERE subscription_id = %s AND at >= %s AND at < %s AND NOT fallback"
+        )
         self.counters = q(
             "SELECT fencing_token, GREATEST(last_sequence, (SELECT COALESCE(MAX(sequence), 0) FROM {s}.events)),"
             " version FROM {s}.pool_state"
@@ -612,7 +619,7 @@ class PostgresStore:
 
     # -- lifecycle ----------------------------------------------------------------
 
-    async def open(self) -> Snapshot:
+    async def open(self, plan: UsagePlanner = everything) -> Snapshot:
         if self._pool is not None:
             raise RuntimeError("the PostgreSQL store is already open")
         async with self._target.guard("open"), await self._target.connect(self._connect_timeout) as conn:
@@ -640,7 +647,7 @@ class PostgresStore:
         await pool.open()
         self._pool = pool
         try:
-            return await self.load()
+            return await self.load(plan)
         except BaseException:
             await self.close()
             raise
@@ -652,7 +659,7 @@ class PostgresStore:
 
     # -- the contract -------------------------------------------------------------
 
-    async def load(self) -> Snapshot:
+    async def load(self, plan: UsagePlanner = everything) -> Snapshot:
         s = self._sql
         async with self._connection("load") as conn, conn.transaction():
             # One snapshot of every table, even with a writer at work.
@@ -661,13 +668,34 @@ class PostgresStore:
             ended = [
                 EndedLease(_lease_from_row(r), r[13]) for r in await (await conn.execute(s.ended_leases)).fetchall()
             ]
+            # Every record still comes to Python here, and `summarize` does in Python what the embedded store
+            # does in SQL: replicas load as before, and the embedded store is the one a restart's time is measured on.
+            # They keep every request id too: asking for one here would cost each usage report a round trip.
             usage = [_usage_from_row(r) for r in await (await conn.execute(s.usage)).fetchall()]
             token, last_sequence, version = await (await conn.execute(s.counters)).fetchone() or (0, 0, 0)
+            newest = await (await conn.execute(s.event_at, (last_sequence,))).fetchone()
+            recent, early = summarize(usage, plan(None if newest is None else newest[0]), request_ids=True)
             flags = [SubscriptionFlags(*r) for r in await (await conn.execute(s.flags)).fetchall()]
             delivered_state = (DeliveryState.DELIVERED.value,)
             outbox = [outbox_from_row(r) for r in await (await conn.execute(s.undelivered, delivered_state)).fetchall()]
             delivered = (await (await conn.execute(s.delivered, delivered_state)).fetchone() or (0,))[0]
-        return Snapshot(live, ended, usage, last_sequence, token, flags, outbox, delivered, version)
+        return Snapshot(live, ended, recent, last_sequence, token, flags, outbox, delivered, version, early)
+
+    async def charged(self, request_id: str) -> str | None:
+        async with self._connection("charged") as conn:
+            row = await (await conn.execute(self._sql.charged, (request_id,))).fetchone()
+        return None if row is None else str(row[0])
+
+    async def spend_before(self, before: float, starts: Mapping[str, Sequence[float]]) -> dict[str, tuple[int, ...]]:
+        async with self._connection("spend_before") as conn:
+            spend = {}
+            for sid, sub_starts in starts.items():
+                sums = []
+                for start in sub_starts:
+                    row = await (await conn.execute(self._sql.spend, (sid, start, before))).fetchone()
+                    sums.append(int(row[0]) if row else 0)
+                spend[sid] = tuple(sums)
+        return spend
 
     async def write(self, batch: WriteBatch) -> None:
         """Write a batch decided without looking at other replicas' writes (the plain store contract)."""

@@ -143,4 +143,13 @@ async def test_a_version_1_store_is_migrated_in_place(tmp_path: Path) -> None:
     assert [(u.request_id, u.cost_micros, u.provider_remaining_ppm) for u in snapshot.usage] == [("r1", 5, None)]
     check = sqlite3.connect(path)
     assert check.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (str(SCHEMA_VERSION),)
+    # Version 4's indexes, which the usage summary at start reads, were built in place.
+    indexes = {name for (name,) in check.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert {
+        "usage_subscription_at",
+        "usage_provider_report",
+        "usage_provider_reset",
+        "usage_not_ok",
+        "usage_fallback",
+    } <= indexes
     check.close()

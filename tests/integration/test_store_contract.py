@@ -45,6 +45,7 @@ from authpool_server.store.memory import MemoryStore
 from authpool_server.store.postgres import PostgresStore, lock_key, migrate, migrations
 from authpool_server.store.replication import CatchUp, ReplicaBehind
 from authpool_server.store.sqlite import SQLiteStore
+from authpool_server.store.usage import UsagePlan, UsagePlanner, everything, summarize
 from tests.conftest import secret
 
 T0 = 1_764_000_000.123456  # a time with every digit a float8 must keep
@@ -91,15 +92,15 @@ async def store(backend: Backend) -> AsyncIterator[Store]:
             await store.close()
 
 
-async def reopened(backend: Backend, store: Store) -> Snapshot:
+async def reopened(backend: Backend, store: Store, plan: UsagePlanner = everything) -> Snapshot:
     """Close `store`, open a new one over the same state (as a restart does) and return what it loads."""
     if not backend.durable:
-        return await store.load()
+        return await store.load(plan)
     await store.close()
     backend.closed.append(store)
     again = backend.make()
     try:
-        return await again.open()
+        return await again.open(plan)
     finally:
         await again.close()
 
@@ -311,6 +312,80 @@ async def test_usage_is_recorded_once_per_request_id(backend: Backend, store: St
     await store.write(WriteBatch(usage=[usage("req-1", cost_micros=3_000), usage("req-2")]))
     assert normal(await store.load()).usage == [first, usage("req-2")]
     assert normal(await reopened(backend, store)).usage == [first, usage("req-2")]
+
+
+def usage_history() -> list[UsageRecord]:
+    """Records of every kind the ledgers summarise, in the order written (request ids sort the same way)."""
+    kinds: list[dict[str, Any]] = [
+        {},
+        {"provider_remaining_ppm": 400_000},
+        {"outcome": Outcome.RATE_LIMITED},
+        {"provider_reset_at": T0 + 9_000, "outcome": Outcome.RATE_LIMITED},
+        {"outcome": Outcome.AUTH_FAILED},
+        {"outcome": Outcome.SERVER_ERROR},
+        {"outcome": Outcome.AUTH_FAILED},
+        {"fallback": True, "subscription_id": "fallback"},
+        {"subscription_id": "gone"},  # not in the plan
+        {"subscription_id": "sub2", "provider_remaining_ppm": 900_000},
+    ]
+    records = []
+    for n in range(60):
+        # Every fifth record shares its time with the one before: the store's order breaks the tie, as written.
+        at = T0 + 100 * (n - n % 5 // 4)
+        records.append(usage(f"req-{n:03d}", at=at, cost_micros=1_000 + n, **kinds[n * 7 % len(kinds)]))
+    return records
+
+
+async def test_a_usage_plan_gives_the_recent_records_and_summarises_the_rest(backend: Backend, store: Store) -> None:
+    records = usage_history()
+    for first in range(0, len(records), 7):  # several batches, as group commit makes them
+        await store.write(WriteBatch(usage=records[first : first + 7]))
+    await store.write(WriteBatch(events=[event(1, at=T0 + 4_000)]))
+    asked: list[float | None] = []
+
+    def plan(newest_event_at: float | None) -> UsagePlan:
+        asked.append(newest_event_at)
+        # Window starts between two records, on one, and before all; every record from 3,850 s on comes back whole.
+        return UsagePlan(T0 + 4_000, T0 + 3_850, {"sub1": (T0 + 950, T0 + 2_000, T0 - 1), "sub2": (T0 + 3_000,)})
+
+    recent, early = summarize(records, plan(T0 + 4_000))
+    # The history has a case of each thing the summary keeps.
+    assert 5 < len(recent) < len(records)
+    assert early.fallback
+    sub1 = early.subscriptions["sub1"]
+    assert all((sub1.auth_failures, sub1.provider_remaining_ppm, sub1.provider_reset_at, sub1.rate_limited_at))
+    ids = summarize(records, plan(T0 + 4_000), request_ids=True)[1].request_ids
+    assert ids
+    asked.clear()
+    for snapshot in (await store.load(plan), await reopened(backend, store, plan)):
+        # A store gives the old records' request ids, or answers for them with `charged`.
+        assert snapshot.early.request_ids in (None, ids)
+        assert (snapshot.usage, replace(snapshot.early, request_ids=None)) == (recent, early)
+    assert asked == [T0 + 4_000, T0 + 4_000]
+
+
+async def test_a_record_is_found_by_its_request_id(backend: Backend, store: Store) -> None:
+    await store.write(WriteBatch(usage=[usage("req-1", subscription_id="sub2"), usage("req-2")]))
+    assert [await store.charged(r) for r in ("req-1", "req-2", "req-3")] == ["sub2", "sub1", None]
+    await store.write(WriteBatch(prune=PruneHorizon(T0 + 1, T0 + 1, T0 + 1)))
+    assert await store.charged("req-1") is None
+
+
+async def test_spend_before_sums_each_window_up_to_the_horizon(store: Store) -> None:
+    records = usage_history()
+    await store.write(WriteBatch(usage=records))
+    starts = {"sub1": (T0 - 1, T0 + 950, T0 + 5_000), "sub2": (T0,), "sub3": (T0,)}
+    expected = {
+        sid: tuple(
+            sum(
+                r.cost_micros for r in records if r.subscription_id == sid and not r.fallback and s <= r.at < T0 + 3_000
+            )
+            for s in sub_starts
+        )
+        for sid, sub_starts in starts.items()
+    }
+    assert expected["sub1"][0] > expected["sub1"][1] > 0 == expected["sub1"][2]
+    assert await store.spend_before(T0 + 3_000, starts) == expected
 
 
 async def test_events_come_back_in_order_a_page_at_a_time(store: Store) -> None:

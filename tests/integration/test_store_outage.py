@@ -21,6 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from authpool_server.errors import StoreUnavailable
 from authpool_server.server import DATABASE_FILE, Server
 from authpool_server.store.sqlite import SQLiteStore
+from authpool_server.store.usage import everything
 from tests.conftest import NO_AUTH, make_spec
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -40,9 +41,13 @@ class OutageStore(SQLiteStore):
         self._check()
         await super().ping()
 
-    async def load(self) -> Any:
+    async def load(self, plan: Any = everything) -> Any:
         self._check()
-        return await super().load()
+        return await super().load(plan)
+
+    async def charged(self, request_id: str) -> str | None:
+        self._check()
+        return await super().charged(request_id)
 
     def write(self, batch: Any) -> Any:
         if self.down:

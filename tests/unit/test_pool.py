@@ -30,6 +30,7 @@ from authpool_server.errors import (
 from authpool_server.pool import Pool, SubscriptionView, UsageReport
 from authpool_server.store.base import Snapshot, WriteBatch
 from authpool_server.store.memory import MemoryStore
+from authpool_server.store.usage import UsagePlanner, everything
 from tests.conftest import FakeClock, make_spec
 
 U = MICROS_PER_UNIT
@@ -803,9 +804,9 @@ class GatedStore(MemoryStore):
         await self.write_gate.wait()
         await super().write(batch)
 
-    async def load(self) -> Snapshot:
+    async def load(self, plan: UsagePlanner = everything) -> Snapshot:
         await self.load_gate.wait()
-        return await super().load()
+        return await super().load(plan)
 
 
 async def settle() -> None:
