@@ -166,6 +166,7 @@ FILTERS = {
     "types, any of": pb.WatchEventsRequest(types=[pb.EVENT_TYPE_USAGE_RECORDED, pb.EVENT_TYPE_LEASE_RELEASED]),
     "one subscription, moves away from it included": pb.WatchEventsRequest(subscription_ids=["sub2"]),
     "subscriptions, any of": pb.WatchEventsRequest(subscription_ids=["sub1", "sub3"]),
+    "both ends of a move, which comes once": pb.WatchEventsRequest(subscription_ids=["sub2", "sub3"]),
     "clients, any of": pb.WatchEventsRequest(client_ids=["w1", "w2"]),
     "type and client": pb.WatchEventsRequest(types=[pb.EVENT_TYPE_USAGE_RECORDED], client_ids=["w2"]),
     "all three kinds": pb.WatchEventsRequest(
