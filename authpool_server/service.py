@@ -547,10 +547,9 @@ def add_to_server(service: AuthPoolService, server: grpc.aio.Server) -> None:
     handlers["WatchEvents"] = grpc.unary_stream_rpc_method_handler(
         service.WatchEvents, request_deserializer=watch.request_deserializer, response_serializer=_wire
     )
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(pb.DESCRIPTOR.services_by_name["AuthPool"].full_name, handlers),)
-    )
-    server.add_registered_method_handlers(pb.DESCRIPTOR.services_by_name["AuthPool"].full_name, handlers)
+    name = pb.DESCRIPTOR.services_by_name["AuthPool"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+    server.add_registered_method_handlers(name, handlers)
 
 
 def _event(event: Event) -> pb.Event:
