@@ -27,7 +27,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from authpool_server.admin import AdminServer
-from authpool_server.api import authpool_pb2, authpool_pb2_grpc
+from authpool_server.api import authpool_pb2
 from authpool_server.config import Settings, WebhookSettings
 from authpool_server.delivery import WebhookDispatcher
 from authpool_server.domain import PoolSpec
@@ -36,7 +36,7 @@ from authpool_server.interceptors import ChainedRegistration, build_chain
 from authpool_server.pool import Pool
 from authpool_server.reload import DEFAULT_POLL_SECONDS, ConfigReloader, ReloadResult
 from authpool_server.security.settings import SecuritySettings
-from authpool_server.service import AuthPoolService
+from authpool_server.service import AuthPoolService, add_to_server
 from authpool_server.store import DATABASE_FILE, Store
 from authpool_server.store.sqlite import SQLiteStore
 from authpool_server.telemetry.metrics import Metrics
@@ -169,7 +169,7 @@ class Server:
         if self._intercept:
             chain = build_chain(self.security, self.metrics, self.telemetry.tracer_provider)
             services = ChainedRegistration(server, chain)
-        authpool_pb2_grpc.add_AuthPoolServicer_to_server(AuthPoolService(self.pool), services)
+        add_to_server(AuthPoolService(self.pool), services)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, services)
         # What reflection.enable_server_reflection does for a grpc.aio server, through the chain.
         reflection_names = (

@@ -12,8 +12,9 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -28,7 +29,7 @@ from authpool_server.rpc_errors import to_status
 from authpool_server.telemetry.call import annotate
 from authpool_server.validation import MAX_COST_MICROS, MAX_FILTER_ENTRIES, MAX_TOKENS, Violations
 
-__all__ = ["AuthPoolService", "mask_email"]
+__all__ = ["AuthPoolService", "add_to_server", "mask_email"]
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,9 @@ _EVENT_TYPE = {
 _EVENT_TYPE_OF = {wire: domain for domain, wire in _EVENT_TYPE.items()}
 # Bounds of WatchEventsRequest.progress_interval, in seconds.
 _PROGRESS_INTERVAL = (1.0, 3600.0)
+# Bounds of WatchEventsRequest.max_batch_events and batch_window (seconds).
+_MAX_BATCH_EVENTS = 1000
+_BATCH_WINDOW = (0.0, 1.0)
 
 
 _INTERNAL = AuthPoolError("internal error; the server log has the details")
@@ -342,13 +346,13 @@ class AuthPoolService(authpool_pb2_grpc.AuthPoolServicer):
         # generator): its task is the one blocked when the client stops
         # reading, so the hub can cut it (see `_watch`).
         try:
-            only, progress_seconds = self._watch_request(request)
+            plan = self._watch_request(request)
         except AuthPoolError as error:
             await context.abort_with_status(to_status(error))
             raise  # unreachable: abort_with_status raises
-        await self._watch(request.after_sequence, only, progress_seconds, context)
+        await self._watch(request.after_sequence, plan, context)
 
-    def _watch_request(self, request: pb.WatchEventsRequest) -> tuple[EventFilter, float]:
+    def _watch_request(self, request: pb.WatchEventsRequest) -> _WatchPlan:
         check = Violations()
         if check.entries("types", request.types, maximum=MAX_FILTER_ENTRIES):
             for index, value in enumerate(request.types):
@@ -362,18 +366,27 @@ class AuthPoolService(authpool_pb2_grpc.AuthPoolServicer):
             progress_seconds = check.duration(
                 "progress_interval", interval.seconds, interval.nanos, minimum=low, maximum=high
             )
+        if request.max_batch_events > _MAX_BATCH_EVENTS:
+            check.add("max_batch_events", f"must be at most {_MAX_BATCH_EVENTS}, got {request.max_batch_events}")
+        window: float | None = 0.0
+        if request.HasField("batch_window"):
+            low, high = _BATCH_WINDOW
+            window = check.duration(
+                "batch_window", request.batch_window.seconds, request.batch_window.nanos, minimum=low, maximum=high
+            )
+            if window and request.max_batch_events <= 1:
+                check.add("batch_window", "needs max_batch_events above 1: events sent one by one never wait")
         check.raise_if_any()
         assert progress_seconds is not None
+        assert window is not None
         only = EventFilter(
             types=frozenset(_EVENT_TYPE_OF[value] for value in request.types),
             subscription_ids=frozenset(request.subscription_ids),
             client_ids=frozenset(request.client_ids),
         )
-        return only, progress_seconds
+        return _WatchPlan(only, progress_seconds, max(1, request.max_batch_events), window)
 
-    async def _watch(
-        self, after_sequence: int, only: EventFilter, progress_seconds: float, context: grpc.aio.ServicerContext
-    ) -> None:
+    async def _watch(self, after_sequence: int, plan: _WatchPlan, context: grpc.aio.ServicerContext) -> None:
         """Stream the hub's events to the caller; a watcher that falls too far behind is cut.
 
         A client that stops reading leaves this task blocked in a write on
@@ -398,14 +411,31 @@ class AuthPoolService(authpool_pb2_grpc.AuthPoolServicer):
             await self._pool.caught_up_to(after_sequence)
             # Headers first: the caller knows at once that its stream is open.
             await context.send_initial_metadata(())
-            stream = self._pool.events.watch(after_sequence, only=only, progress_seconds=progress_seconds, on_lag=cut)
+            stream = self._pool.events.watch_batches(
+                after_sequence,
+                only=plan.only,
+                progress_seconds=plan.progress_seconds,
+                on_lag=cut,
+                max_events=plan.max_batch_events,
+                window=plan.batch_window,
+            )
+            responses = self._responses
+            batched = plan.max_batch_events > 1
             try:
                 async for item in stream:
-                    response = self._responses.response(item)
-                    # Once a write has started the message goes out ahead of any
-                    # status, even if this task is cancelled while it waits.
-                    sent = item.sequence
-                    await context.write(response)
+                    # Each write is the response's wire form (see `add_to_server`). Once a
+                    # write has started the message goes out ahead of any status, even if
+                    # this task is cancelled while it waits.
+                    if isinstance(item, Progress):
+                        sent = item.sequence
+                        await context.write(responses.progress(item))
+                    elif batched:
+                        sent = item[-1].sequence
+                        await context.write(responses.batch(item))
+                    else:
+                        for event in item:
+                            sent = event.sequence
+                            await context.write(responses.event(event))
             finally:
                 await stream.aclose()
             return  # the hub's stream never ends by itself
@@ -430,30 +460,104 @@ class AuthPoolService(authpool_pb2_grpc.AuthPoolServicer):
             log.debug("the caller left before the end of its event stream reached it")
 
 
+@dataclass(frozen=True, slots=True)
+class _WatchPlan:
+    """A validated WatchEventsRequest, apart from its cursor."""
+
+    only: EventFilter
+    progress_seconds: float
+    max_batch_events: int
+    batch_window: float
+
+
 _RECENT_RESPONSES_KEPT = 1024
+# The wire tags (field number << 3 | length-delimited) of WatchEventsResponse.event
+# and EventBatch.events (both field 1), and of WatchEventsResponse.batch (field 3).
+_EVENT_TAG = b"\x0a"
+_BATCH_TAG = b"\x1a"
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
 
 
 class _ResponseCache:
-    """The responses of recent events: a live event goes to every watcher that wants it, built once.
+    """The wire form of recent events' responses: a live event goes to every watcher that wants it, encoded once.
 
+    An event's entry is its `WatchEventsResponse(event=...)` serialised, which
+    is byte for byte the entry of that event in `EventBatch.events` (both
+    field 1 of their message), so a batch is its events' entries joined
+    under one header: no protobuf object is built or encoded per watcher.
     Each entry holds the event it was built from, so the identity check
     cannot be fooled by a sequence reused after a restore.
     """
 
     def __init__(self) -> None:
-        self._recent: dict[int, tuple[Event, pb.WatchEventsResponse]] = {}
+        self._recent: dict[int, tuple[Event, bytes]] = {}
 
-    def response(self, item: Event | Progress) -> pb.WatchEventsResponse:
-        if isinstance(item, Progress):
-            return pb.WatchEventsResponse(progress=pb.Progress(sequence=item.sequence, time=_timestamp(time.time())))
-        recent = self._recent.get(item.sequence)
-        if recent is not None and recent[0] is item:
+    def event(self, event: Event) -> bytes:
+        recent = self._recent.get(event.sequence)
+        if recent is not None and recent[0] is event:
             return recent[1]
-        response = pb.WatchEventsResponse(event=_event(item))
+        encoded = _event(event).SerializeToString()
+        entry = _EVENT_TAG + _varint(len(encoded)) + encoded
         if len(self._recent) >= _RECENT_RESPONSES_KEPT:
             del self._recent[next(iter(self._recent))]
-        self._recent[item.sequence] = (item, response)
-        return response
+        self._recent[event.sequence] = (event, entry)
+        return entry
+
+    def batch(self, events: Sequence[Event]) -> bytes:
+        body = b"".join([self.event(event) for event in events])
+        return _BATCH_TAG + _varint(len(body)) + body
+
+    @staticmethod
+    def progress(item: Progress) -> bytes:
+        response = pb.WatchEventsResponse(progress=pb.Progress(sequence=item.sequence, time=_timestamp(time.time())))
+        return response.SerializeToString()
+
+
+def _wire(response: bytes | pb.WatchEventsResponse) -> bytes:
+    """WatchEvents' serializer: its handler writes responses already encoded."""
+    return response if isinstance(response, bytes) else response.SerializeToString()
+
+
+class _Handlers:
+    """Stands in for the server while the generated code hands over the method handlers."""
+
+    handlers: dict[str, grpc.RpcMethodHandler]
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass  # the same handlers come through add_registered_method_handlers
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        self.handlers = handlers
+
+
+class Registry(Protocol):
+    """Where handlers are registered: a grpc.aio server, or what chains them on their way to one."""
+
+    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None: ...
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None: ...
+
+
+def add_to_server(service: AuthPoolService, server: Registry) -> None:
+    """`add_AuthPoolServicer_to_server`, with WatchEvents taking responses already encoded (`_ResponseCache`)."""
+    captured = _Handlers()
+    authpool_pb2_grpc.add_AuthPoolServicer_to_server(service, captured)  # type: ignore[arg-type]
+    handlers = dict(captured.handlers)
+    watch = handlers["WatchEvents"]
+    handlers["WatchEvents"] = grpc.unary_stream_rpc_method_handler(
+        service.WatchEvents, request_deserializer=watch.request_deserializer, response_serializer=_wire
+    )
+    name = pb.DESCRIPTOR.services_by_name["AuthPool"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+    server.add_registered_method_handlers(name, handlers)
 
 
 def _event(event: Event) -> pb.Event:

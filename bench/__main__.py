@@ -42,7 +42,8 @@ named then run), BENCH_SOAK_LIFECYCLES (default 1,000,000),
 BENCH_SOAK_RPC_SEGMENTS and BENCH_SOAK_RPC_SECONDS (default 5 of 6 s),
 BENCH_SCALE_SUBSCRIPTIONS, BENCH_SCALE_LEASES, BENCH_SCALE_USAGE (default
 1,000, 15,000 and 1,000,000), BENCH_SCALE_RESTARTS (default 3), BENCH_OUT
-(default var/bench/latest.json).
+(default var/bench/latest.json), and for the watchers BENCH_WATCH_MAX_BATCH
+and BENCH_WATCH_WINDOW_MS (default 100 and 100; see bench.watchers).
 """
 
 from __future__ import annotations
@@ -386,6 +387,9 @@ def _watcher_figures(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "events_expected": sum(sum(run["expected"]) for run in runs),
         "events_missed": sum(run["missed"] for run in runs),
         "min_events_per_watcher_run": min(received) if received else 0,
+        "event_messages": sum(run["event_messages"] for run in runs),
+        "max_batch_events": runs[0]["max_batch_events"],
+        "batch_window_ms": runs[0]["batch_window_ms"],
         "progress_messages": sum(run["progress_messages"] for run in runs),
         "out_of_order": sum(run["out_of_order"] for run in runs),
         "errors": [error for run in runs for error in run["errors"]],
@@ -521,13 +525,18 @@ def _flat(scenarios: dict[str, dict[str, Any]]) -> dict[str, Any]:
         flat[f"{key}_events_received"] = watched["watchers"]["events_received"]
         flat[f"{key}_events_missed"] = watched["watchers"]["events_missed"]
         # What one message to one watcher costs the server: the extra CPU per Allocate over the
-        # messages each Allocate caused (a NEW one writes an event, which goes to every watcher of it).
+        # messages each Allocate caused (a NEW one writes an event, which goes to every watcher of
+        # it; a batched stream carries several in one message).
         decisions = watched["decisions"]
         events_per_call = _ratio(decisions.get("DECISION_KIND_NEW", 0), sum(decisions.values()))
         fan_out = _ratio(watched["watchers"]["events_expected"], watched["watchers"]["events_in_log"])
+        per_message = _ratio(watched["watchers"]["events_received"], watched["watchers"]["event_messages"])
+        flat[f"{key}_events_per_message"] = per_message
         with_cpu, without_cpu = watched["cpu"]["server_cpu_us_per_rpc"], untraced["cpu"]["server_cpu_us_per_rpc"]
-        if None not in (events_per_call, fan_out, with_cpu, without_cpu):
-            messages_per_call = events_per_call * fan_out  # type: ignore[operator]
+        if None not in (events_per_call, fan_out, per_message, with_cpu, without_cpu):
+            deliveries_per_call = events_per_call * fan_out  # type: ignore[operator]
+            messages_per_call = deliveries_per_call / per_message  # type: ignore[operator]
+            flat[f"{key}_deliveries_per_allocate"] = deliveries_per_call
             flat[f"{key}_messages_per_allocate"] = messages_per_call
             flat[f"{key}_server_us_per_message"] = _ratio(with_cpu - without_cpu, messages_per_call)  # type: ignore[operator]
     if "noop" in scenarios:
@@ -770,13 +779,16 @@ def _report(result: dict[str, Any]) -> str:
         if watched is not None:
             key = "watchers" if name == "allocate_watched" else "watchers_all"
             lines.append(
-                f"{name}: {watched['watchers']} watchers following {watched['follow']}; received "
+                f"{name}: {watched['watchers']} watchers following {watched['follow']}, batches of up to "
+                f"{watched['max_batch_events']} events, window {watched['batch_window_ms']} ms; received "
                 f"{watched['events_received']:,} of {watched['events_expected']:,} events due "
                 f"({watched['events_in_log']:,} in the log), missed {watched['events_missed']}, fewest in a run "
                 f"{watched['min_events_per_watcher_run']:,}; throughput / twin "
                 f"{_fmt(result.get(key + '_ratio_unchecked'))}, server CPU per Allocate twin / watched "
-                f"{_fmt(result.get(key + '_cpu_ratio'))}; {_fmt(result.get(key + '_messages_per_allocate'))} "
-                f"messages per Allocate, {_fmt(result.get(key + '_server_us_per_message'), 0)} µs server CPU each"
+                f"{_fmt(result.get(key + '_cpu_ratio'))}; {_fmt(result.get(key + '_deliveries_per_allocate'))} "
+                f"events to watchers per Allocate in {_fmt(result.get(key + '_messages_per_allocate'))} messages "
+                f"({_fmt(result.get(key + '_events_per_message'))} events each), "
+                f"{_fmt(result.get(key + '_server_us_per_message'), 0)} µs server CPU per message"
             )
     lines.extend(_phase_lines(result))
     lines.append("")

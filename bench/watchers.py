@@ -11,7 +11,14 @@ at the server's default interval.
 
 The process opens every stream from the newest sequence (no replay), waits
 until the server has answered each one's headers, prints ``ready``, and then
-counts what each stream receives until it reads ``stop`` on stdin. Then, with
+counts what each stream receives until it reads ``stop`` on stdin.
+
+Each stream asks for what a well-written watcher of this kind would: batches
+of up to 100 events (``--max-batch``) and a 100 ms ``--batch-window``, as a
+dashboard or sidecar that can take a tenth of a second of latency; every
+event of every batch is counted and checked for order all the same.
+``--max-batch 1`` watches one event per message, as clients before batching
+did. Then, with
 the load over, it reads the log the scenario wrote from an unfiltered stream
 of its own, works out what each watcher should have received, waits (a few
 seconds at most) for the last messages in flight, and writes per watcher what
@@ -49,6 +56,7 @@ class Watcher:
     subscription_ids: tuple[str, ...]  # empty: every event
     call: grpc.aio.UnaryStreamCall | None = None
     events: int = 0
+    messages: int = 0  # responses that carried events (one, or a batch)
     progress: int = 0
     last_sequence: int = 0
     out_of_order: int = 0
@@ -76,14 +84,17 @@ class Watcher:
         assert self.call is not None
         try:
             async for message in self.call:
-                if message.HasField("progress"):
+                kind = message.WhichOneof("message")
+                if kind == "progress":
                     self.progress += 1
                     continue
-                sequence = message.event.sequence
-                if sequence <= self.last_sequence:
-                    self.out_of_order += 1
-                self.last_sequence = sequence
-                self.events += 1
+                self.messages += 1
+                for event in message.batch.events if kind == "batch" else (message.event,):
+                    sequence = event.sequence
+                    if sequence <= self.last_sequence:
+                        self.out_of_order += 1
+                    self.last_sequence = sequence
+                    self.events += 1
                 if self.due is not None and self.events >= self.due:
                     self.settled.set()
         except grpc.aio.AioRpcError as error:
@@ -130,7 +141,11 @@ async def _run(args: argparse.Namespace) -> dict[str, object]:
         try:
             for watcher in watchers:
                 watcher.channel = grpc.aio.insecure_channel(args.target, options=_OWN_CONNECTION)
-                request = pb.WatchEventsRequest(after_sequence=first, subscription_ids=watcher.subscription_ids)
+                request = pb.WatchEventsRequest(
+                    after_sequence=first, subscription_ids=watcher.subscription_ids, max_batch_events=args.max_batch
+                )
+                if args.batch_window_ms:
+                    request.batch_window.FromMilliseconds(args.batch_window_ms)
                 watcher.call = authpool_pb2_grpc.AuthPoolStub(watcher.channel).WatchEvents(request, metadata=metadata)
             # The server sends a stream's headers once its watcher is registered.
             await asyncio.wait_for(
@@ -167,6 +182,9 @@ async def _run(args: argparse.Namespace) -> dict[str, object]:
         "received": [w.events for w in watchers],
         "expected": expected,
         "missed": sum(max(0, n - w.events) for w, n in zip(watchers, expected, strict=True)),
+        "max_batch_events": args.max_batch,
+        "batch_window_ms": args.batch_window_ms,
+        "event_messages": sum(w.messages for w in watchers),
         "progress_messages": sum(w.progress for w in watchers),
         "out_of_order": sum(w.out_of_order for w in watchers),
         "errors": [w.error for w in watchers if w.error],
@@ -180,6 +198,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--watchers", type=int, default=100)
     parser.add_argument("--follow", choices=("subscription", "all"), default="subscription")
     parser.add_argument("--subscriptions", type=int, default=20, help="the bench pool's subscriptions")
+    parser.add_argument(
+        "--max-batch",
+        type=int,
+        default=int(os.environ.get("BENCH_WATCH_MAX_BATCH", "100")),
+        help="WatchEventsRequest.max_batch_events (1: one event per response)",
+    )
+    parser.add_argument(
+        "--batch-window-ms",
+        type=int,
+        default=int(os.environ.get("BENCH_WATCH_WINDOW_MS", "100")),
+        help="WatchEventsRequest.batch_window",
+    )
     parser.add_argument("--out", required=True, help="where to write the JSON result")
     args = parser.parse_args(argv)
     result = asyncio.run(_run(args))

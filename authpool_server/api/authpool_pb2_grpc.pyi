@@ -94,7 +94,9 @@ class AuthPoolStub:
     retained log fails with OUT_OF_RANGE (EVENTS_COMPACTED); one past the
     newest event (a cursor from before a restore) fails with OUT_OF_RANGE
     (SEQUENCE_AHEAD); a watcher too slow to keep up is ended with ABORTED
-    (WATCHER_LAGGED) and resumes from the last sequence it received.
+    (WATCHER_LAGGED) and resumes from the last sequence it received. Events
+    come one per response unless the request asks for batches
+    (`max_batch_events`).
     """
 
 @_typing.type_check_only
@@ -151,7 +153,9 @@ class AuthPoolAsyncStub(AuthPoolStub):
     retained log fails with OUT_OF_RANGE (EVENTS_COMPACTED); one past the
     newest event (a cursor from before a restore) fails with OUT_OF_RANGE
     (SEQUENCE_AHEAD); a watcher too slow to keep up is ended with ABORTED
-    (WATCHER_LAGGED) and resumes from the last sequence it received.
+    (WATCHER_LAGGED) and resumes from the last sequence it received. Events
+    come one per response unless the request asks for batches
+    (`max_batch_events`).
     """
 
 class AuthPoolServicer(metaclass=_abc_1.ABCMeta):
@@ -259,7 +263,9 @@ class AuthPoolServicer(metaclass=_abc_1.ABCMeta):
         retained log fails with OUT_OF_RANGE (EVENTS_COMPACTED); one past the
         newest event (a cursor from before a restore) fails with OUT_OF_RANGE
         (SEQUENCE_AHEAD); a watcher too slow to keep up is ended with ABORTED
-        (WATCHER_LAGGED) and resumes from the last sequence it received.
+        (WATCHER_LAGGED) and resumes from the last sequence it received. Events
+        come one per response unless the request asks for batches
+        (`max_batch_events`).
         """
 
 def add_AuthPoolServicer_to_server(servicer: AuthPoolServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -547,7 +547,7 @@ async def test_an_unexpected_fault_in_the_event_stream_is_internal_with_error_in
         raise RuntimeError(f"something broke reading {SECRET}")
         yield  # pragma: no cover - makes this an async generator
 
-    monkeypatch.setattr(server.pool.events, "watch", broken_watch)
+    monkeypatch.setattr(server.pool.events, "watch_batches", broken_watch)
 
     call = stub.WatchEvents(pb.WatchEventsRequest())
     with pytest.raises(grpc.aio.AioRpcError) as caught:

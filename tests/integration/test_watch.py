@@ -3,7 +3,8 @@
 Filters (AND across kinds, OR within one), progress messages on a quiet
 stream, resuming at every point of the replay/live boundary, compaction,
 a stuck watcher cut while allocation goes on, and no task or queue left
-behind by a stream however it ends. The basics (replay then live, resume,
+behind by a stream however it ends. Streams that ask for batches
+(`max_batch_events`, `batch_window`) are held to the same guarantees. The basics (replay then live, resume,
 the compacted-cursor error) are in test_rpc_happy.py and test_rpc_bad_input.py.
 
 The pool is tests/conftest.py's `make_spec()` unless a test parametrises
@@ -38,6 +39,8 @@ UNIT = 1_000_000
 # What grpc.aio names the task that runs one WatchEvents call on the server.
 HANDLER_TASK = "HandleExceptions[/authpool.v1.AuthPool/WatchEvents]"
 ONE_SECOND = Duration(seconds=1)
+# A stream that asks for batches: a size that replay pages and bursts overflow, no window.
+BATCHED = {"max_batch_events": 7}
 
 _ids = itertools.count(1)
 
@@ -69,23 +72,34 @@ def watch(stub: Stub, after: int = 0, **filters: object) -> grpc.aio.UnaryStream
     return stub.WatchEvents(pb.WatchEventsRequest(after_sequence=after, **filters))  # type: ignore[arg-type]
 
 
+def events_of(message: pb.WatchEventsResponse) -> list[pb.Event]:
+    """The events one message carries: its `event`, or every event of its `batch`."""
+    kind = message.WhichOneof("message")
+    if kind == "batch":
+        assert message.batch.events, "an empty batch"
+        return list(message.batch.events)
+    return [message.event] if kind == "event" else []
+
+
 async def read_until(
-    call: grpc.aio.UnaryStreamCall, last: int, *, seconds: float = 10
+    call: grpc.aio.UnaryStreamCall, last: int, *, seconds: float = 10, kinds: list[str] | None = None
 ) -> tuple[list[pb.Event], list[pb.Progress]]:
-    """Messages until the event `last`, or a progress message that reached it."""
+    """Messages until the event `last`, or a progress message that reached it; `kinds` collects each one's kind."""
     events: list[pb.Event] = []
     progress: list[pb.Progress] = []
     deadline = time.monotonic() + seconds
     while True:
         message = await asyncio.wait_for(call.read(), timeout=max(0.1, deadline - time.monotonic()))
         assert message is not grpc.aio.EOF, "the stream ended"
+        if kinds is not None:
+            kinds.append(message.WhichOneof("message"))
         if message.HasField("progress"):
             progress.append(message.progress)
             if message.progress.sequence >= last:
                 return events, progress
         else:
-            events.append(message.event)
-            if message.event.sequence >= last:
+            events.extend(events_of(message))
+            if events[-1].sequence >= last:
                 return events, progress
 
 
@@ -98,7 +112,7 @@ async def read_to_the_end(
     async def read() -> grpc.aio.AioRpcError:
         try:
             while (message := await call.read()) is not grpc.aio.EOF:
-                events.append(message.event)
+                events.extend(events_of(message))
         except grpc.aio.AioRpcError as error:
             return error
         raise AssertionError("the stream ended without an error")
@@ -152,6 +166,7 @@ FILTERS = {
     "types, any of": pb.WatchEventsRequest(types=[pb.EVENT_TYPE_USAGE_RECORDED, pb.EVENT_TYPE_LEASE_RELEASED]),
     "one subscription, moves away from it included": pb.WatchEventsRequest(subscription_ids=["sub2"]),
     "subscriptions, any of": pb.WatchEventsRequest(subscription_ids=["sub1", "sub3"]),
+    "both ends of a move, which comes once": pb.WatchEventsRequest(subscription_ids=["sub2", "sub3"]),
     "clients, any of": pb.WatchEventsRequest(client_ids=["w1", "w2"]),
     "type and client": pb.WatchEventsRequest(types=[pb.EVENT_TYPE_USAGE_RECORDED], client_ids=["w2"]),
     "all three kinds": pb.WatchEventsRequest(
@@ -276,6 +291,48 @@ async def test_without_an_interval_progress_follows_the_configured_one(stub: Stu
     assert message.progress.sequence == 1
 
 
+# -- batches ----------------------------------------------------------------------------
+
+
+async def test_a_batch_window_gathers_a_burst_into_one_message_and_never_holds_an_event_much_longer(
+    stub: Stub,
+) -> None:
+    start = await last_sequence(stub)
+    window = 0.3
+    call = watch(stub, after=start, max_batch_events=100, batch_window=Duration(nanos=int(window * 1e9)))
+    await asyncio.wait_for(call.initial_metadata(), timeout=5)
+    try:
+        began = time.monotonic()
+        first = await allocate(stub, "w1")
+        await allocate(stub, "w2")  # well within the window of w1's grant
+        message = await asyncio.wait_for(call.read(), timeout=5)
+        waited = time.monotonic() - began
+        # A lone event is written once its window has passed.
+        await allocate(stub, "w3")
+        alone = await asyncio.wait_for(call.read(), timeout=5)
+    finally:
+        call.cancel()
+
+    assert message.WhichOneof("message") == "batch"
+    assert [e.client_id for e in message.batch.events] == ["w1", "w2"]
+    assert message.batch.events[0].lease_id == first.lease_id
+    assert window * 0.8 < waited < window + 1.5
+    assert [e.client_id for e in events_of(alone)] == ["w3"]
+
+
+async def test_without_a_window_a_batched_stream_sends_each_event_as_soon_as_it_is_committed(stub: Stub) -> None:
+    start = await last_sequence(stub)
+    call = watch(stub, after=start, max_batch_events=1000)
+    await asyncio.wait_for(call.initial_metadata(), timeout=5)
+    try:
+        await allocate(stub, "w1")
+        message = await asyncio.wait_for(call.read(), timeout=0.5)  # no window: nothing waits for company
+    finally:
+        call.cancel()
+    assert message.WhichOneof("message") == "batch"
+    assert [e.client_id for e in message.batch.events] == ["w1"]
+
+
 # -- resume at every point of the replay/live boundary ---------------------------------
 
 
@@ -306,6 +363,14 @@ async def test_resume_from_every_sequence_while_events_flow_sees_each_later_even
             for request in (
                 pb.WatchEventsRequest(after_sequence=after, progress_interval=ONE_SECOND),
                 pb.WatchEventsRequest(after_sequence=after, client_ids=clients[::2], progress_interval=ONE_SECOND),
+                pb.WatchEventsRequest(after_sequence=after, progress_interval=ONE_SECOND, **BATCHED),
+                pb.WatchEventsRequest(
+                    after_sequence=after,
+                    client_ids=clients[::2],
+                    progress_interval=ONE_SECOND,
+                    batch_window=Duration(nanos=20_000_000),
+                    **BATCHED,
+                ),
             ):
                 calls.append((after, request, stub.WatchEvents(request)))
             await asyncio.sleep(0)  # let the commits interleave with the openings
@@ -313,17 +378,29 @@ async def test_resume_from_every_sequence_while_events_flow_sees_each_later_even
         last = await last_sequence(stub)
         assert last == opened_at + more
         everything, _ = await read_until(watch(stub), last)
-        results = await asyncio.gather(*(read_until(call, last) for _, _, call in calls))
+        kinds: list[list[str]] = [[] for _ in calls]
+        results = await asyncio.gather(
+            *(read_until(call, last, kinds=kinds[i]) for i, (_, _, call) in enumerate(calls))
+        )
     finally:
         producer.cancel()
         for _, _, call in calls:
             call.cancel()
 
     assert sequences(everything) == list(range(1, last + 1))
-    for (after, request, _), (events, _) in zip(calls, results, strict=True):
+    batches = 0
+    for (after, request, _), (events, _), sent in zip(calls, results, kinds, strict=True):
         expected = [event for event in everything if event.sequence > after and about(event, request)]
-        assert sequences(events) == sequences(expected), f"after_sequence={after} {list(request.client_ids)}"
+        name = f"after_sequence={after} {list(request.client_ids)} max_batch_events={request.max_batch_events}"
+        assert sequences(events) == sequences(expected), name
         assert [e.SerializeToString() for e in events] == [e.SerializeToString() for e in expected]
+        # One event per message unless asked; every event in a batch once asked.
+        assert "batch" not in sent if request.max_batch_events <= 1 else "event" not in sent, name
+        batches += sent.count("batch")
+    batched_events = sum(
+        len(events) for (_, r, _), (events, _) in zip(calls, results, strict=True) if r.max_batch_events > 1
+    )
+    assert batches < batched_events  # several events shared a message
 
 
 async def test_a_cursor_past_the_newest_event_is_out_of_range(stub: Stub) -> None:
@@ -339,9 +416,10 @@ async def test_a_cursor_past_the_newest_event_is_out_of_range(stub: Stub) -> Non
 # -- compaction -------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("batching", [{}, BATCHED], ids=["one-by-one", "batched"])
 @pytest.mark.parametrize("spec", [make_spec(max_clients=1000)], ids=["roomy"])
 async def test_compaction_during_a_replay_ends_it_out_of_range_never_with_a_gap(
-    server: Server, stub: Stub, clock: FakeClock
+    server: Server, stub: Stub, clock: FakeClock, batching: dict[str, int]
 ) -> None:
     lease = await allocate(stub, "w1")
     await asyncio.gather(*(report(stub, lease) for _ in range(599)))  # sequences 1..600, soon too old
@@ -352,7 +430,7 @@ async def test_compaction_during_a_replay_ends_it_out_of_range_never_with_a_gap(
     # Small flow-control windows hold the server's writes within the first page until this
     # client reads on, so the compaction lands mid-replay however the machine schedules things.
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}", options=SMALL_WINDOWS) as slow_channel:
-        call = watch(authpool_pb2_grpc.AuthPoolStub(slow_channel), after=0)
+        call = watch(authpool_pb2_grpc.AuthPoolStub(slow_channel), after=0, **batching)
         try:
             first = await asyncio.wait_for(call.read(), timeout=5)  # the replay has read its first page
             await server.pool.reap()  # prunes events older than 7 days: 1..600
@@ -361,7 +439,7 @@ async def test_compaction_during_a_replay_ends_it_out_of_range_never_with_a_gap(
             call.cancel()
 
     # What it got is gapless from the start; then it is told where the log now starts.
-    events = [first.event, *rest]
+    events = [*events_of(first), *rest]
     assert sequences(events) == list(range(1, len(events) + 1))
     assert len(events) < 600
     assert error.code() == grpc.StatusCode.OUT_OF_RANGE
@@ -369,17 +447,17 @@ async def test_compaction_during_a_replay_ends_it_out_of_range_never_with_a_gap(
     assert (info.reason, info.metadata["oldest_sequence"]) == ("EVENTS_COMPACTED", "601")
 
     # A filtered watcher resuming from a compacted cursor is refused the same way.
-    filtered = watch(stub, after=len(events), client_ids=["w2"])
+    filtered = watch(stub, after=len(events), client_ids=["w2"], **batching)
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await asyncio.wait_for(filtered.read(), timeout=5)
     assert refused.value.code() == grpc.StatusCode.OUT_OF_RANGE
     assert error_info(refused.value).metadata["oldest_sequence"] == "601"
-    resumed = watch(stub, after=600, client_ids=["w2"])
+    resumed = watch(stub, after=600, client_ids=["w2"], **batching)
     try:
         message = await asyncio.wait_for(resumed.read(), timeout=5)
     finally:
         resumed.cancel()
-    assert message.event.lease_id == late.lease_id
+    assert events_of(message)[0].lease_id == late.lease_id
 
 
 # -- bad requests -----------------------------------------------------------------------
@@ -399,6 +477,10 @@ async def test_compaction_during_a_replay_ends_it_out_of_range_never_with_a_gap(
         ({"progress_interval": Duration(seconds=3601)}, ["progress_interval"]),
         ({"progress_interval": Duration(seconds=-5)}, ["progress_interval"]),
         ({"progress_interval": Duration(seconds=2, nanos=-1)}, ["progress_interval"]),
+        ({"max_batch_events": 1001}, ["max_batch_events"]),
+        ({"max_batch_events": 10, "batch_window": Duration(seconds=1, nanos=1)}, ["batch_window"]),
+        ({"max_batch_events": 10, "batch_window": Duration(nanos=-1)}, ["batch_window"]),
+        ({"batch_window": Duration(nanos=1_000_000)}, ["batch_window"]),
         (
             {"types": [0], "subscription_ids": [""], "client_ids": ["a b"], "progress_interval": Duration()},
             ["types[0]", "subscription_ids[0]", "client_ids[0]", "progress_interval"],
@@ -416,6 +498,10 @@ async def test_compaction_during_a_replay_ends_it_out_of_range_never_with_a_gap(
         "interval-over-1h",
         "negative-interval",
         "malformed-duration",
+        "batch-over-1000",
+        "window-over-1s",
+        "negative-window",
+        "window-without-batches",
         "everything-at-once",
     ],
 )
@@ -445,6 +531,8 @@ async def test_the_bounds_of_a_watch_request_are_accepted(stub: Stub) -> None:
                 subscription_ids=[f"sub{i}" for i in range(100)],  # unknown ids are fine: they may come later
                 client_ids=["x" * 128],
                 progress_interval=interval,
+                max_batch_events=1000,
+                batch_window=Duration(seconds=1),
             )
         )
         try:
@@ -463,10 +551,13 @@ BUFFER = 100  # the smallest watcher buffer the config accepts (events.watcherBu
 SMALL_WINDOWS = [("grpc.http2.lookahead_bytes", 8192), ("grpc.http2.bdp_probe", 0)]
 
 
+@pytest.mark.parametrize("batching", [{}, BATCHED], ids=["one-by-one", "batched"])
 @pytest.mark.parametrize(
     "spec", [dataclasses.replace(make_spec(max_clients=1000), watcher_buffer=BUFFER)], ids=["buffer-100"]
 )
-async def test_a_stuck_watcher_is_cut_while_allocation_and_other_watchers_go_on(server: Server, stub: Stub) -> None:
+async def test_a_stuck_watcher_is_cut_while_allocation_and_other_watchers_go_on(
+    server: Server, stub: Stub, batching: dict[str, int]
+) -> None:
     """A client that never reads: its server-side write blocks on HTTP/2 flow control.
 
     Its events queue up in the hub until the buffer overflows; then it is cut
@@ -481,9 +572,11 @@ async def test_a_stuck_watcher_is_cut_while_allocation_and_other_watchers_go_on(
     big = "m" * 128  # every event about 400 bytes on the wire
     start = await last_sequence(stub)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}", options=SMALL_WINDOWS) as slow_channel:
-        stuck = authpool_pb2_grpc.AuthPoolStub(slow_channel).WatchEvents(pb.WatchEventsRequest(after_sequence=start))
+        stuck = authpool_pb2_grpc.AuthPoolStub(slow_channel).WatchEvents(
+            pb.WatchEventsRequest(after_sequence=start, **batching)
+        )
         await asyncio.wait_for(stuck.initial_metadata(), timeout=5)
-        healthy = watch(stub, after=start)
+        healthy = watch(stub, after=start, **batching)
         await asyncio.wait_for(healthy.initial_metadata(), timeout=5)
         await eventually(lambda: len(hub.watcher_backlogs()) == 2)
 
@@ -530,7 +623,7 @@ async def test_a_stuck_watcher_is_cut_while_allocation_and_other_watchers_go_on(
         assert info.metadata["resume_after_sequence"] == str(received[-1].sequence)
         await eventually(lambda: not handler_tasks())  # the cut stream's task has finished
 
-    resumed = watch(stub, after=received[-1].sequence)
+    resumed = watch(stub, after=received[-1].sequence, **batching)
     try:
         rest, _ = await read_until(resumed, last)
     finally:

@@ -23,9 +23,11 @@ from authpool_client._client import DEFAULT_TIMEOUT
 from authpool_client._errors import AuthPoolError, LeaseLost, StaleFencingToken, from_rpc_error
 from authpool_client._lease import LeaseState, LeaseView
 from authpool_client._models import (
+    WATCH_BATCH_EVENTS,
     Outcome,
     UsageReceipt,
     allocate_request,
+    one_by_one,
     receipt,
     usage_request,
     watch_request,
@@ -201,14 +203,19 @@ class AsyncAuthPoolClient:
         subscription_ids: Iterable[str] = (),
         client_ids: Iterable[str] = (),
         progress_interval: float | None = None,
+        max_batch_events: int = WATCH_BATCH_EVENTS,
+        batch_window: float | None = None,
         timeout: float | None = None,
     ) -> AsyncIterator[pb.WatchEventsResponse]:
         """Follow the event log (operator role); no deadline unless `timeout` is given. See `AuthPoolClient`."""
-        request = watch_request(after_sequence, types, subscription_ids, client_ids, progress_interval)
+        request = watch_request(
+            after_sequence, types, subscription_ids, client_ids, progress_interval, max_batch_events, batch_window
+        )
         stream = self._stub.WatchEvents(request, timeout=timeout, metadata=self._settings.metadata)
         try:
             async for message in stream:
-                yield message
+                for single in one_by_one(message):
+                    yield single
         except grpc.aio.AioRpcError as error:
             raise from_rpc_error(error) from error
         finally:

@@ -17,9 +17,11 @@ from authpool_client._channel import ChannelSettings, RetryPolicy
 from authpool_client._errors import AuthPoolError, LeaseLost, StaleFencingToken, from_rpc_error
 from authpool_client._lease import LeaseState, LeaseView
 from authpool_client._models import (
+    WATCH_BATCH_EVENTS,
     Outcome,
     UsageReceipt,
     allocate_request,
+    one_by_one,
     receipt,
     usage_request,
     watch_request,
@@ -219,6 +221,8 @@ class AuthPoolClient:
         subscription_ids: Iterable[str] = (),
         client_ids: Iterable[str] = (),
         progress_interval: float | None = None,
+        max_batch_events: int = WATCH_BATCH_EVENTS,
+        batch_window: float | None = None,
         timeout: float | None = None,
     ) -> Iterator[pb.WatchEventsResponse]:
         """Follow the event log from `after_sequence` (operator role): events, and `progress` while idle.
@@ -226,11 +230,21 @@ class AuthPoolClient:
         A watch has no deadline unless `timeout` is given: it is meant to stay
         open. Resume after an error from the last sequence received. Leaving
         the loop early cancels the stream.
+
+        The server sends up to `max_batch_events` events per message (1: one
+        each, as servers before batching did), whatever it has when it writes;
+        `batch_window` (seconds, at most 1) lets it wait that long for more to
+        fill a message, for a watcher that can take the latency. However they
+        travel, this yields one `WatchEventsResponse` per event (its `event`
+        set) or per progress message, in order.
         """
-        request = watch_request(after_sequence, types, subscription_ids, client_ids, progress_interval)
+        request = watch_request(
+            after_sequence, types, subscription_ids, client_ids, progress_interval, max_batch_events, batch_window
+        )
         stream = self._stub.WatchEvents(request, timeout=timeout, metadata=self._settings.metadata)
         try:
-            yield from stream
+            for message in stream:
+                yield from one_by_one(message)
         except grpc.RpcError as error:
             raise from_rpc_error(error) from error
         finally:

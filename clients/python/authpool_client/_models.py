@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import enum
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from google.protobuf import duration_pb2, timestamp_pb2
+from google.protobuf import timestamp_pb2
 
 from authpool_client.api import authpool_pb2 as pb
 
@@ -137,21 +137,40 @@ def receipt(request: pb.ReportUsageRequest, response: pb.ReportUsageResponse) ->
     return UsageReceipt(request.request_id, response.duplicate, response.subscription_id)
 
 
+# What `watch_events` asks for by default: a busy stream's events in messages of up to 100,
+# as many as the server has queued when it writes (it never waits for more unless asked).
+WATCH_BATCH_EVENTS = 100
+
+
 def watch_request(
     after_sequence: int,
     types: Iterable[pb.EventType.ValueType],
     subscription_ids: Iterable[str],
     client_ids: Iterable[str],
     progress_interval: float | None,
+    max_batch_events: int = 1,
+    batch_window: float | None = None,
 ) -> pb.WatchEventsRequest:
     request = pb.WatchEventsRequest(
         after_sequence=after_sequence,
         types=list(types),
         subscription_ids=list(subscription_ids),
         client_ids=list(client_ids),
+        max_batch_events=max_batch_events,
     )
     if progress_interval is not None:
-        interval = duration_pb2.Duration()
-        interval.FromNanoseconds(round(progress_interval * 1e9))
-        request.progress_interval.CopyFrom(interval)
+        request.progress_interval.FromNanoseconds(round(progress_interval * 1e9))
+    if batch_window:
+        request.batch_window.FromNanoseconds(round(batch_window * 1e9))
     return request
+
+
+def one_by_one(message: pb.WatchEventsResponse) -> Iterator[pb.WatchEventsResponse]:
+    """A stream message as the messages of an unbatched stream: a batch becomes one `event` message per event."""
+    if message.WhichOneof("message") != "batch":
+        yield message
+        return
+    for event in message.batch.events:
+        single = pb.WatchEventsResponse()
+        single.event.CopyFrom(event)
+        yield single

@@ -1150,9 +1150,19 @@ class WatchEventsRequest(_message.Message):
     SUBSCRIPTION_IDS_FIELD_NUMBER: _builtins.int
     CLIENT_IDS_FIELD_NUMBER: _builtins.int
     PROGRESS_INTERVAL_FIELD_NUMBER: _builtins.int
+    MAX_BATCH_EVENTS_FIELD_NUMBER: _builtins.int
+    BATCH_WINDOW_FIELD_NUMBER: _builtins.int
     after_sequence: _builtins.int
     """Deliver events with a sequence number greater than this; 0 means from
     the oldest retained event.
+    """
+    max_batch_events: _builtins.int
+    """The most events the server may send in one response, as a `batch`;
+    between 0 and 1000. 0 or 1 (the default) sends each event in a response
+    of its own, as `event`, as servers before batching did. Above 1, every
+    event comes in a `batch` of one or more: whatever has been queued for
+    this stream when the server writes, up to this many, so a busy stream
+    costs the server and the client far fewer messages.
     """
     @_builtins.property
     def types(self) -> _containers.RepeatedScalarFieldContainer[Global___EventType.ValueType]:
@@ -1173,6 +1183,14 @@ class WatchEventsRequest(_message.Message):
         default); between 1 s and 1 h.
         """
 
+    @_builtins.property
+    def batch_window(self) -> _duration_pb2.Duration:
+        """How long the server may wait, once an event is ready for this stream, for
+        more to fill its batch before it writes; between 0 and 1 s. Unset or zero
+        (the default) never waits. Only with `max_batch_events` above 1. A watcher
+        that can take a little latency trades it for fewer, fuller messages.
+        """
+
     def __init__(
         self,
         *,
@@ -1181,10 +1199,12 @@ class WatchEventsRequest(_message.Message):
         subscription_ids: _abc.Iterable[_builtins.str] | None = ...,
         client_ids: _abc.Iterable[_builtins.str] | None = ...,
         progress_interval: _duration_pb2.Duration | None = ...,
+        max_batch_events: _builtins.int = ...,
+        batch_window: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["progress_interval", b"progress_interval"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["batch_window", b"batch_window", "progress_interval", b"progress_interval"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_sequence", b"after_sequence", "client_ids", b"client_ids", "progress_interval", b"progress_interval", "subscription_ids", b"subscription_ids", "types", b"types"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_sequence", b"after_sequence", "batch_window", b"batch_window", "client_ids", b"client_ids", "max_batch_events", b"max_batch_events", "progress_interval", b"progress_interval", "subscription_ids", b"subscription_ids", "types", b"types"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1307,6 +1327,7 @@ class WatchEventsResponse(_message.Message):
 
     EVENT_FIELD_NUMBER: _builtins.int
     PROGRESS_FIELD_NUMBER: _builtins.int
+    BATCH_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def event(self) -> Global___Event:
         """The next event that matches the filters."""
@@ -1315,18 +1336,51 @@ class WatchEventsResponse(_message.Message):
     def progress(self) -> Global___Progress:
         """Nothing matched for a while; the stream is alive."""
 
+    @_builtins.property
+    def batch(self) -> Global___EventBatch:
+        """The next events that match the filters, in order, when the request set
+        `max_batch_events` above 1.
+        """
+
     def __init__(
         self,
         *,
         event: Global___Event | None = ...,
         progress: Global___Progress | None = ...,
+        batch: Global___EventBatch | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "message", b"message", "progress", b"progress"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "event", b"event", "message", b"message", "progress", b"progress"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "message", b"message", "progress", b"progress"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "event", b"event", "message", b"message", "progress", b"progress"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["event", "progress"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["event", "progress", "batch"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 
 Global___WatchEventsResponse: _TypeAlias = WatchEventsResponse  # noqa: Y015
+
+@_typing.final
+class EventBatch(_message.Message):
+    """EventBatch is consecutive matching events of the log in one message."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___Event]:
+        """One or more events, in sequence order; the last one's sequence is where a
+        resume continues.
+        """
+
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[Global___Event] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EventBatch: _TypeAlias = EventBatch  # noqa: Y015

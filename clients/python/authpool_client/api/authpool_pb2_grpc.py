@@ -168,7 +168,9 @@ class AuthPoolServicer:
         retained log fails with OUT_OF_RANGE (EVENTS_COMPACTED); one past the
         newest event (a cursor from before a restore) fails with OUT_OF_RANGE
         (SEQUENCE_AHEAD); a watcher too slow to keep up is ended with ABORTED
-        (WATCHER_LAGGED) and resumes from the last sequence it received.
+        (WATCHER_LAGGED) and resumes from the last sequence it received. Events
+        come one per response unless the request asks for batches
+        (`max_batch_events`).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
