@@ -70,7 +70,7 @@ from pathlib import Path
 from typing import Any
 
 from authpool_server.simulator.report import json_safe
-from bench.deployed import deployed_trace_sampling
+from bench.deployed import deployed_telemetry
 from bench.load import SCENARIOS as LOAD_SCENARIOS
 from bench.otlp_sink import OtlpSink
 from bench.procs import readline_within, tail
@@ -497,7 +497,7 @@ def _flat(scenarios: dict[str, dict[str, Any]]) -> dict[str, Any]:
         # Server CPU per Allocate with the chain / without: steadier than throughput on a noisy machine.
         flat["interceptor_cpu_ratio"] = _ratio(scenarios["allocate"]["cpu"]["server_cpu_us_per_rpc"], bare_cpu)
         if "allocate_all_spans" in scenarios:
-            # No target: what exporting a span for every call would cost (see deployed_trace_sampling).
+            # No target: what exporting a span for every call would cost (see bench.deployed).
             kept = _ratio(scenarios["allocate_all_spans"]["rps"], scenarios["allocate_bare"]["rps"])
             flat["interceptor_overhead_all_spans"] = None if kept is None else 1.0 - kept
             flat["interceptor_all_spans_cpu_ratio"] = _ratio(
@@ -915,7 +915,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             with contextlib.ExitStack() as stack:
                 sink = stack.enter_context(OtlpSink())
                 traced_env = {"BENCH_TOKEN": token, "OTEL_EXPORTER_OTLP_ENDPOINT": sink.endpoint}
-                full_env = traced_env | deployed_trace_sampling()
+                full_env = traced_env | deployed_telemetry()
                 full = stack.enter_context(_server(work_dir, args.subscriptions, "full", full_env))
                 all_spans_env = traced_env | {"OTEL_TRACES_SAMPLER": "always_on"}
                 all_spans = stack.enter_context(

@@ -19,7 +19,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from packaging.version import Version
 
 from authpool_server.server import DEFAULT_GRACE_SECONDS, LIVENESS, READINESS
-from bench.deployed import deployed_trace_sampling
+from authpool_server.telemetry.providers import _exports as exports
+from bench.deployed import deployed_telemetry
 from tests.deploy.conftest import DEPLOY, OVERLAYS, ROOT, config_document, container, missing, only
 
 # Kubernetes versions the manifests must be valid for: the oldest we claim
@@ -336,16 +337,19 @@ def test_docs_and_readme_of_the_deploy_directory_name_the_real_files() -> None:
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_traces_are_sampled_as_the_benchmark_measures(
+def test_telemetry_is_what_the_benchmark_measures(
     rendered: dict[str, list[dict[str, Any]]], overlay: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # An unknown sampler name makes the SDK warn once and export every span: the cost `make bench`
-    # says the deployment avoids. The SDK itself must read what the pods get as the ratio sampler.
-    sampling = {
-        e["name"]: e["value"] for e in container(rendered[overlay])["env"] if "OTEL_TRACES_SAMPLER" in e["name"]
-    }
-    assert sampling == deployed_trace_sampling()
-    for name, value in sampling.items():
+    # says the deployment avoids. The SDK itself must build the ratio sampler from what the pods get.
+    env = {e["name"]: e.get("value") for e in container(rendered[overlay])["env"]}
+    telemetry = deployed_telemetry()
+    assert {name: env.get(name) for name in telemetry} == telemetry
+    for name, value in telemetry.items():
         monkeypatch.setenv(name, value)
     description = TracerProvider().sampler.get_description()
     assert description.startswith("ParentBased{root:TraceIdRatioBased{0.01}"), description
+    # Scraped, not pushed: with an OTLP endpoint set for the traces, metrics still have one reader.
+    pushed = {**telemetry, "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317"}
+    assert exports(pushed, "TRACES")
+    assert not exports(pushed, "METRICS")
