@@ -150,12 +150,15 @@ class Unauthenticated(AuthPoolError):
 class PermissionDenied(AuthPoolError):
     reason = "PERMISSION_DENIED"
 
-    def __init__(self, method: str, role: str, needed: str) -> None:
+    def __init__(self, method: str, role: str, needed: str | None) -> None:
+        """`needed` None: a method no role may call (one missing from the role table, or a closed service's)."""
         super().__init__(
-            f"{method} needs the {needed} role; this caller has {role}",
+            f"{method} needs the {needed} role; this caller has {role}"
+            if needed is not None
+            else f"{method} is open to no role; this caller has {role}",
             method=method,
             role=role,
-            required_role=needed,
+            required_role=needed or "none",
         )
 
 

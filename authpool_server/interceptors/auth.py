@@ -65,7 +65,8 @@ class AuthStep:
             return None, principal
         needed = required_role(method)
         if needed is None or principal.role < needed:
-            return principal, PermissionDenied(method_name(method), str(principal.role), str(needed or "no"))
+            wanted = None if needed is None else str(needed)
+            return principal, PermissionDenied(method_name(method), str(principal.role), wanted)
         return principal, None
 
     def _identify(self, context: grpc.aio.ServicerContext) -> Principal | Unauthenticated:

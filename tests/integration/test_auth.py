@@ -291,3 +291,20 @@ async def test_every_method_the_server_serves_goes_through_the_chain(channel: gr
                 assert await _refusal(closed_channel, *method) is grpc.StatusCode.UNAUTHENTICATED, method[0]
     finally:
         await closed.stop()
+
+
+async def test_a_closed_service_is_open_to_no_role_not_even_admin(tmp_path: Path) -> None:
+    security = SecuritySettings(tokens=auth_settings().tokens, open_services=frozenset())
+    server = Server(make_spec(), data_dir=tmp_path, security=security, listen="127.0.0.1:0", background=False)
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await health.Check(health_pb2.HealthCheckRequest(), metadata=bearer(TOKENS[Role.ADMIN]))
+            assert raised.value.code() is grpc.StatusCode.PERMISSION_DENIED
+            assert raised.value.details() == "Check is open to no role; this caller has admin"
+            info = error_details(raised.value)[error_details_pb2.ErrorInfo]
+            assert dict(info.metadata) == {"method": "Check", "role": "admin", "required_role": "none"}
+    finally:
+        await server.stop()
