@@ -40,7 +40,7 @@ from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector,
 from authpool_server import __version__
 from authpool_server.logs import mask_emails
 
-__all__ = ["Telemetry", "telemetry_from_env"]
+__all__ = ["Telemetry", "exports", "telemetry_from_env"]
 
 # Seconds. RPCs here take ~1 ms; the guide alerts at 1 s for p95.
 RPC_BUCKETS = (0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -69,7 +69,8 @@ def _true(env: Mapping[str, str], name: str) -> bool:
     return env.get(name, "").strip().lower() == "true"
 
 
-def _exports(env: Mapping[str, str], signal: str) -> bool:
+def exports(env: Mapping[str, str], signal: str) -> bool:
+    """Whether the server, run with `env`, pushes `signal` ("TRACES" or "METRICS") over OTLP."""
     if _true(env, "OTEL_SDK_DISABLED") or env.get(f"OTEL_{signal}_EXPORTER", "").strip().lower() == "none":
         return False
     return bool(env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip() or env.get(f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT"))
@@ -179,7 +180,7 @@ def telemetry_from_env(env: Mapping[str, str]) -> Telemetry:
     for collector in (ProcessCollector, PlatformCollector, GCCollector):
         collector(registry=registry)
     readers: list[MetricReader] = [PrometheusMetricReader(registry=registry)]
-    if _exports(env, "METRICS"):
+    if exports(env, "METRICS"):
         readers.append(PeriodicExportingMetricReader(_metric_exporter(env)))  # type: ignore[arg-type]
     meter_provider = MeterProvider(
         resource=resource,
@@ -193,7 +194,7 @@ def telemetry_from_env(env: Mapping[str, str]) -> Telemetry:
         ],
     )
     tracer_provider = None
-    if _exports(env, "TRACES"):
+    if exports(env, "TRACES"):
         tracer_provider = TracerProvider(resource=resource)
         exporter = _MaskingSpanExporter(_span_exporter(env))
         tracer_provider.add_span_processor(BatchSpanProcessor(exporter))

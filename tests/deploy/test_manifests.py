@@ -19,7 +19,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from packaging.version import Version
 
 from authpool_server.server import DEFAULT_GRACE_SECONDS, LIVENESS, READINESS
-from authpool_server.telemetry.providers import _exports as exports
+from authpool_server.telemetry.providers import exports
 from bench.deployed import deployed_telemetry
 from tests.deploy.conftest import DEPLOY, OVERLAYS, ROOT, config_document, container, missing, only
 
