@@ -192,18 +192,26 @@ async def test_health_and_reflection_stay_open(channel: grpc.aio.Channel) -> Non
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
-async def test_a_closed_health_service_needs_a_token(tmp_path: Path, clock: FakeClock) -> None:
+@pytest.fixture
+async def closed_channel(tmp_path: Path) -> AsyncIterator[grpc.aio.Channel]:
+    """A channel to a server that leaves nothing open: health and reflection want a token too."""
     security = SecuritySettings(tokens=auth_settings().tokens, open_services=frozenset())
-    server = Server(make_spec(), data_dir=tmp_path, security=security, listen="127.0.0.1:0", background=False)
+    server = Server(
+        make_spec(), data_dir=tmp_path / "closed", security=security, listen="127.0.0.1:0", background=False
+    )
     await server.start()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            with pytest.raises(grpc.aio.AioRpcError) as raised:
-                await health.Check(health_pb2.HealthCheckRequest())
-            assert raised.value.code() is grpc.StatusCode.UNAUTHENTICATED
+            yield channel
     finally:
         await server.stop()
+
+
+async def test_a_closed_health_service_needs_a_token(closed_channel: grpc.aio.Channel) -> None:
+    health = health_pb2_grpc.HealthStub(closed_channel)
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await health.Check(health_pb2.HealthCheckRequest())
+    assert raised.value.code() is grpc.StatusCode.UNAUTHENTICATED
 
 
 async def test_the_access_log_names_the_principal_never_the_token(
@@ -271,7 +279,9 @@ async def _refusal(channel: grpc.aio.Channel, path: str, client_streams: bool, s
     return grpc.StatusCode.OK
 
 
-async def test_every_method_the_server_serves_goes_through_the_chain(channel: grpc.aio.Channel, tmp_path: Path) -> None:
+async def test_every_method_the_server_serves_goes_through_the_chain(
+    channel: grpc.aio.Channel, closed_channel: grpc.aio.Channel
+) -> None:
     # The chain is wrapped into each handler as services are registered: a service registered
     # around it would serve anyone. With nothing left open, every method must want a token.
     methods = await _served_methods(channel)
@@ -280,31 +290,15 @@ async def test_every_method_the_server_serves_goes_through_the_chain(channel: gr
         "/grpc.health.v1.Health",
         "/grpc.reflection.v1alpha.ServerReflection",
     }
-    security = SecuritySettings(tokens=auth_settings().tokens, open_services=frozenset())
-    closed = Server(
-        make_spec(), data_dir=tmp_path / "closed", security=security, listen="127.0.0.1:0", background=False
-    )
-    await closed.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{closed.port}") as closed_channel:
-            for method in methods:
-                assert await _refusal(closed_channel, *method) is grpc.StatusCode.UNAUTHENTICATED, method[0]
-    finally:
-        await closed.stop()
+    for method in methods:
+        assert await _refusal(closed_channel, *method) is grpc.StatusCode.UNAUTHENTICATED, method[0]
 
 
-async def test_a_closed_service_is_open_to_no_role_not_even_admin(tmp_path: Path) -> None:
-    security = SecuritySettings(tokens=auth_settings().tokens, open_services=frozenset())
-    server = Server(make_spec(), data_dir=tmp_path, security=security, listen="127.0.0.1:0", background=False)
-    await server.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            with pytest.raises(grpc.aio.AioRpcError) as raised:
-                await health.Check(health_pb2.HealthCheckRequest(), metadata=bearer(TOKENS[Role.ADMIN]))
-            assert raised.value.code() is grpc.StatusCode.PERMISSION_DENIED
-            assert raised.value.details() == "Check is open to no role; this caller has admin"
-            info = error_details(raised.value)[error_details_pb2.ErrorInfo]
-            assert dict(info.metadata) == {"method": "Check", "role": "admin", "required_role": "none"}
-    finally:
-        await server.stop()
+async def test_a_closed_service_is_open_to_no_role_not_even_admin(closed_channel: grpc.aio.Channel) -> None:
+    health = health_pb2_grpc.HealthStub(closed_channel)
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await health.Check(health_pb2.HealthCheckRequest(), metadata=bearer(TOKENS[Role.ADMIN]))
+    assert raised.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    assert raised.value.details() == "Check is open to no role; this caller has admin"
+    info = error_details(raised.value)[error_details_pb2.ErrorInfo]
+    assert dict(info.metadata) == {"method": "Check", "role": "admin", "required_role": "none"}
