@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -89,6 +90,13 @@ def make_spec(
         lease_ttl_seconds=ttl,
         rebalancing=RebalancePolicy(cost_gap_micros=cost_gap_units * MICROS_PER_UNIT, idle_seconds=60.0),
     )
+
+
+async def eventually(condition: Callable[[], object], *, seconds: float = 20.0) -> None:
+    """Wait until `condition()` holds: at most `seconds`, or less if the caller's `asyncio.timeout` says so."""
+    async with asyncio.timeout(seconds):
+        while not condition():  # noqa: ASYNC110 - polls state that another task, thread or process changes
+            await asyncio.sleep(0.01)
 
 
 @pytest.fixture

@@ -30,7 +30,7 @@ from google.protobuf.duration_pb2 import Duration
 from google.rpc import error_details_pb2
 
 from authpool_server.server import Server
-from tests.conftest import NO_AUTH, FakeClock, make_spec
+from tests.conftest import NO_AUTH, FakeClock, eventually, make_spec
 from tests.integration.rich_errors import error_details
 
 Stub = authpool_pb2_grpc.AuthPoolStub
@@ -143,13 +143,6 @@ def about(event: pb.Event, request: pb.WatchEventsRequest) -> bool:
 
 def handler_tasks() -> list[asyncio.Task[object]]:
     return [task for task in asyncio.all_tasks() if task.get_name() == HANDLER_TASK and not task.done()]
-
-
-async def eventually(condition: object, *, seconds: float = 5.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():  # type: ignore[operator]
-        assert time.monotonic() < deadline, "timed out waiting"
-        await asyncio.sleep(0.01)
 
 
 def error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:

@@ -27,7 +27,7 @@ from authpool_server.config import WebhookSettings
 from authpool_server.domain import NotificationRuleSpec
 from authpool_server.server import Server
 from authpool_server.webhooks import RetryPolicy, WebhookSecret
-from tests.conftest import NO_AUTH, make_spec
+from tests.conftest import NO_AUTH, eventually, make_spec
 from tests.integration.server_process import ServerProcess, write_config
 from tests.integration.test_rpc_policy import UNIT, Stub, allocate, events, report
 from tests.integration.webhook_receiver import (
@@ -92,13 +92,6 @@ async def scrape(server: Server) -> dict[str, float]:
         for sample in family.samples
         if sample.name.startswith("authpool_webhook")
     }
-
-
-async def eventually(condition: Callable[[], object]) -> None:
-    """Wait (at most the caller's `asyncio.timeout`, else 20 s) until `condition()` holds."""
-    async with asyncio.timeout(20):
-        while not condition():  # noqa: ASYNC110 - polls state another process or task changes
-            await asyncio.sleep(0.02)
 
 
 async def cross_the_threshold(stub: Stub) -> pb.Lease:
