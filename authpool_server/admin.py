@@ -38,6 +38,7 @@ from authpool_server.security.roles import Role
 from authpool_server.security.settings import SecuritySettings
 from authpool_server.service import mask_email
 from authpool_server.telemetry.metrics import Metrics, resident_memory_bytes
+from authpool_server.telemetry.recorder import CallRecorder
 
 __all__ = ["AdminServer", "memory_document", "status_document"]
 
@@ -141,9 +142,11 @@ class AdminServer:
         registry: CollectorRegistry,
         security: SecuritySettings,
         listen: str,
+        recorder: CallRecorder | None = None,
     ) -> None:
         self._pool = pool
         self._metrics = metrics
+        self._recorder = recorder  # calls that ended but are not measured yet: counted before a scrape
         self._registry = registry
         self._security = security
         self._listen = listen
@@ -192,6 +195,8 @@ class AdminServer:
         # OpenTelemetry reader queues each collection and drains the queue when it
         # renders, so overlapping scrapes could render one collection twice.
         async with self._scraping:
+            if self._recorder is not None:
+                self._recorder.flush()
             if self._metrics is not None:
                 self._metrics.refresh()
             # generate_latest runs the collectors, the OpenTelemetry reader among them (a few ms).

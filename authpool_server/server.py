@@ -41,6 +41,7 @@ from authpool_server.store import DATABASE_FILE, Store
 from authpool_server.store.sqlite import SQLiteStore
 from authpool_server.telemetry.metrics import Metrics
 from authpool_server.telemetry.providers import Telemetry, telemetry_from_env
+from authpool_server.telemetry.recorder import CallRecorder
 from authpool_server.webhooks.sender import WebhookSender
 
 __all__ = ["DATABASE_FILE", "SERVICE_NAME", "Server", "serve"]
@@ -103,10 +104,10 @@ class Server:
         self.security = security
         self.telemetry = telemetry if telemetry is not None else telemetry_from_env(os.environ)
         self.metrics = Metrics(self.telemetry.meter_provider, self.pool) if intercept else None
-        self._intercept = intercept
+        self.recorder = CallRecorder(self.metrics) if intercept else None
         self._listen = listen
         self._admin = (
-            AdminServer(self.pool, self.metrics, self.telemetry.registry, security, admin_listen)
+            AdminServer(self.pool, self.metrics, self.telemetry.registry, security, admin_listen, self.recorder)
             if admin_listen is not None
             else None
         )
@@ -166,8 +167,8 @@ class Server:
             )
         server = grpc.aio.server(options=[*self.security.grpc_options(), ("grpc.so_reuseport", 0)])
         services: grpc.aio.Server | ChainedRegistration = server
-        if self._intercept:
-            chain = build_chain(self.security, self.metrics, self.telemetry.tracer_provider)
+        if self.recorder is not None:
+            chain = build_chain(self.security, self.recorder, self.telemetry.tracer_provider)
             services = ChainedRegistration(server, chain)
         add_to_server(AuthPoolService(self.pool), services)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, services)
@@ -276,6 +277,8 @@ class Server:
         self.pool.events.close()
         if self._server is not None:
             await self._server.stop(grace)
+        if self.recorder is not None:
+            self.recorder.flush()  # the access lines and measurements of the last calls
         if self.reloader is not None:
             await self.reloader.close()
         for task in (self._sampler, self._readiness):

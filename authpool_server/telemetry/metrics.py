@@ -59,6 +59,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import grpc
+from opentelemetry import context as otel_context
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 from opentelemetry.sdk.metrics import MeterProvider
 
@@ -157,7 +158,10 @@ class Metrics:
 
     # -- events --------------------------------------------------------------
 
-    def rpc_finished(self, call: Call, code: grpc.StatusCode, seconds: float) -> None:
+    def rpc_finished(
+        self, call: Call, code: grpc.StatusCode, seconds: float, context: otel_context.Context | None = None
+    ) -> None:
+        """Measure an ended call; `context`, the one it ran in (its span), when recorded after it."""
         attributes = self._rpc_attributes.get((call.method, code))
         if attributes is None:
             attributes = self._rpc_attributes[(call.method, code)] = {
@@ -165,7 +169,7 @@ class Metrics:
                 "rpc.method": method_name(call.method),
                 "rpc.grpc.status_code": code.value[0],
             }
-        self._rpc_duration.record(seconds, attributes)
+        self._rpc_duration.record(seconds, attributes, context)
         if call.method == _ALLOCATE and call.admitted:
             # Calls refused by auth or a rate limit never asked the pool: not part of its success rate.
             self._allocations[call.decision or "refused"] += 1

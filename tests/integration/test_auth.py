@@ -29,7 +29,7 @@ from authpool_server.security.roles import METHOD_ROLES, Principal, Role
 from authpool_server.security.settings import SecuritySettings
 from authpool_server.security.tokens import TokenDirectory
 from authpool_server.server import SERVICE_NAME, Server
-from tests.conftest import FakeClock, make_spec, secret
+from tests.conftest import FakeClock, eventually, make_spec, secret
 from tests.integration.rich_errors import error_details
 
 TOKENS = {
@@ -220,8 +220,13 @@ async def test_the_access_log_names_the_principal_never_the_token(
     await call(channel, "Allocate", bearer(TOKENS[Role.CLIENT]))
     await call(channel, "Status", bearer(TOKENS[Role.CLIENT]))
     await call(channel, "Status", (("authorization", "Bearer wrong-wrong-wrong-wrong"),))
-    lines = [json.loads(line) for line in no_token_in_logs.getvalue().splitlines()]
-    access = [line["context"] for line in lines if line["module"] == "authpool.access"]
+
+    def access_lines() -> list[dict[str, Any]]:
+        lines = [json.loads(line) for line in no_token_in_logs.getvalue().splitlines()]
+        return [line["context"] for line in lines if line["module"] == "authpool.access"]
+
+    await eventually(lambda: len(access_lines()) == 3)  # written in batches, shortly after the calls
+    access = access_lines()
     assert [(a["method"], a["code"], a.get("principal")) for a in access] == [
         ("Allocate", "OK", "client-principal"),
         ("Status", "PERMISSION_DENIED", "client-principal"),
