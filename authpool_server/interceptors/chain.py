@@ -22,7 +22,6 @@ and the service fill in, and closes it when the call ends.
 from __future__ import annotations
 
 import asyncio
-import functools
 import inspect
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
@@ -36,8 +35,7 @@ from authpool_server.telemetry.call import Call, close_call, open_call
 
 __all__ = ["Chain", "ChainedRegistration", "Step", "final_code"]
 
-Behavior = Callable[[Any, grpc.aio.ServicerContext], Any]
-Proceed = Callable[[], Awaitable[Any]]
+Behavior = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
 
 _FACTORIES = {
     (False, False): grpc.unary_unary_rpc_method_handler,
@@ -65,7 +63,7 @@ class Chain:
     def __init__(self, steps: Sequence[Step]) -> None:
         self._steps = tuple(steps)
 
-    async def _run(self, method: str, context: grpc.aio.ServicerContext, final: Proceed) -> Any:
+    async def _run(self, method: str, request: Any, context: grpc.aio.ServicerContext, final: Behavior) -> Any:
         call, token = open_call(method)
         entered = 0
         raised: BaseException | None = None
@@ -76,7 +74,7 @@ class Chain:
                 if refusal is not None:
                     await context.abort_with_status(to_status(refusal))
             call.admitted = True  # past every step: auth and rate limits let it through to the service
-            return await final()
+            return await final(request, context)
         except BaseException as error:
             raised = error
             raise
@@ -94,36 +92,32 @@ class Chain:
 
         if inspect.isasyncgenfunction(behavior):
 
-            async def stream(request: Any, context: grpc.aio.ServicerContext) -> None:
+            async def drain(request: Any, context: grpc.aio.ServicerContext) -> None:
                 # The generator is drained inside the chain, its responses handed
                 # out through context.write, so every step sees the stream end.
-                async def drain() -> None:
-                    async for response in behavior(request, context):
-                        await context.write(response)
+                async for response in behavior(request, context):
+                    await context.write(response)
 
-                await run(method, context, drain)
-
-            new_behavior: Behavior = stream
+            final: Behavior = drain
         else:
-
-            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                return await run(method, context, lambda: behavior(request, context))
-
-            new_behavior = unary
+            final = behavior
         deserializer = handler.request_deserializer
-        if not handler.request_streaming and deserializer is not None:
+        if handler.request_streaming or deserializer is None:
+
+            async def chained(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                return await run(method, request, context, final)
+
+        else:
             # grpc answers a request it cannot decode with UNKNOWN and the exception's text;
             # decoding to a marker instead lets the chain (auth first) refuse it properly.
             deserializer = _tolerant(deserializer)
-            inner = new_behavior
 
-            async def checked(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            async def chained(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 if isinstance(request, _Undecodable):
-                    return await run(method, context, functools.partial(_refuse_undecodable, request, context))
-                return await inner(request, context)
+                    return await run(method, request, context, _refuse_undecodable)
+                return await run(method, request, context, final)
 
-            new_behavior = checked
-        return _FACTORIES[streaming](new_behavior, deserializer, handler.response_serializer)
+        return _FACTORIES[streaming](chained, deserializer, handler.response_serializer)
 
 
 class ChainedRegistration:
