@@ -13,6 +13,7 @@ import time
 
 import grpc
 
+from authpool_server.interceptors.chain import Metadata
 from authpool_server.telemetry.call import Call
 from authpool_server.telemetry.recorder import CallRecorder
 
@@ -23,7 +24,7 @@ class AccessStep:
     def __init__(self, recorder: CallRecorder) -> None:
         self._recorder = recorder
 
-    def enter(self, call: Call, context: grpc.aio.ServicerContext) -> None:
+    def enter(self, call: Call, context: grpc.aio.ServicerContext, metadata: Metadata) -> None:
         call.started = time.perf_counter()
 
     def exit(

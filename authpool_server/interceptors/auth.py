@@ -14,6 +14,7 @@ import grpc
 
 from authpool_server.errors import AuthPoolError, PermissionDenied, Unauthenticated
 from authpool_server.grpc_paths import method_name, service_of
+from authpool_server.interceptors.chain import Metadata
 from authpool_server.security.roles import Principal, Role, required_role
 from authpool_server.security.settings import SecuritySettings
 from authpool_server.telemetry.call import Call
@@ -26,8 +27,8 @@ ANONYMOUS = Principal("anonymous", Role.ADMIN)  # only ever used with --insecure
 _NO_ONE = Principal("-", Role.CLIENT)  # callers of open services
 
 
-def _metadata(context: grpc.aio.ServicerContext, key: str) -> str | None:
-    for item_key, value in context.invocation_metadata() or ():
+def _metadata(metadata: Metadata, key: str) -> str | None:
+    for item_key, value in metadata:
         if item_key == key:
             return value if isinstance(value, str) else None
     return None
@@ -37,9 +38,9 @@ class AuthStep:
     def __init__(self, security: SecuritySettings) -> None:
         self._security = security
 
-    def enter(self, call: Call, context: grpc.aio.ServicerContext) -> AuthPoolError | None:
+    def enter(self, call: Call, context: grpc.aio.ServicerContext, metadata: Metadata) -> AuthPoolError | None:
         method = call.method
-        principal, refusal = self._check(method, context)
+        principal, refusal = self._check(method, context, metadata)
         if principal is not None:
             call.principal = principal.name
         if refusal is not None:
@@ -54,13 +55,15 @@ class AuthStep:
     ) -> None:
         pass
 
-    def _check(self, method: str, context: grpc.aio.ServicerContext) -> tuple[Principal | None, AuthPoolError | None]:
+    def _check(
+        self, method: str, context: grpc.aio.ServicerContext, metadata: Metadata
+    ) -> tuple[Principal | None, AuthPoolError | None]:
         """The caller, and why it is refused (None when allowed)."""
         if service_of(method) in self._security.open_services:
             return _NO_ONE, None
         if not self._security.auth_required:
             return ANONYMOUS, None
-        principal = self._identify(context)
+        principal = self._identify(context, metadata)
         if isinstance(principal, Unauthenticated):
             return None, principal
         needed = required_role(method)
@@ -69,8 +72,8 @@ class AuthStep:
             return principal, PermissionDenied(method_name(method), str(principal.role), wanted)
         return principal, None
 
-    def _identify(self, context: grpc.aio.ServicerContext) -> Principal | Unauthenticated:
-        header = _metadata(context, "authorization")
+    def _identify(self, context: grpc.aio.ServicerContext, metadata: Metadata) -> Principal | Unauthenticated:
+        header = _metadata(metadata, "authorization")
         if header is not None:
             scheme, _, token = header.strip().partition(" ")
             if scheme.lower() != "bearer" or not token.strip():

@@ -33,9 +33,11 @@ from authpool_server.errors import AuthPoolError, InvalidArgument
 from authpool_server.rpc_errors import to_status
 from authpool_server.telemetry.call import Call, close_call, open_call
 
-__all__ = ["Chain", "ChainedRegistration", "Step", "final_code"]
+__all__ = ["Chain", "ChainedRegistration", "Metadata", "Step", "final_code"]
 
 Behavior = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+# What grpc.aio gives for a call's metadata: (key, value) pairs, values bytes for `-bin` keys.
+Metadata = Sequence[tuple[str, str | bytes]]
 
 _FACTORIES = {
     (False, False): grpc.unary_unary_rpc_method_handler,
@@ -48,8 +50,11 @@ _FACTORIES = {
 class Step(Protocol):
     """One link of the chain; neither method may block or raise."""
 
-    def enter(self, call: Call, context: grpc.aio.ServicerContext) -> AuthPoolError | None:
-        """Before the handler: None lets the call on, an error refuses it (later steps never enter)."""
+    def enter(self, call: Call, context: grpc.aio.ServicerContext, metadata: Metadata) -> AuthPoolError | None:
+        """Before the handler: None lets the call on, an error refuses it (later steps never enter).
+
+        `metadata` is the call's invocation metadata, read once for every step.
+        """
         ...
 
     def exit(
@@ -65,11 +70,12 @@ class Chain:
 
     async def _run(self, method: str, request: Any, context: grpc.aio.ServicerContext, final: Behavior) -> Any:
         call, token = open_call(method)
+        metadata: Metadata = context.invocation_metadata() or ()
         entered = 0
         raised: BaseException | None = None
         try:
             for step in self._steps:
-                refusal = step.enter(call, context)
+                refusal = step.enter(call, context, metadata)
                 entered += 1
                 if refusal is not None:
                     await context.abort_with_status(to_status(refusal))

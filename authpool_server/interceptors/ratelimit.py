@@ -6,6 +6,7 @@ import grpc
 
 from authpool_server.errors import RateLimited
 from authpool_server.grpc_paths import service_of
+from authpool_server.interceptors.chain import Metadata
 from authpool_server.security.ratelimit import RateLimiter
 from authpool_server.security.settings import RateLimits
 from authpool_server.telemetry.call import Call
@@ -19,7 +20,7 @@ class RateLimitStep:
         # Probes and discovery are not limited: a throttled health check restarts pods.
         self._open_services = open_services
 
-    def enter(self, call: Call, context: grpc.aio.ServicerContext) -> RateLimited | None:
+    def enter(self, call: Call, context: grpc.aio.ServicerContext, metadata: Metadata) -> RateLimited | None:
         if service_of(call.method) in self._open_services:
             return None
         principal = call.principal or "anonymous"

@@ -24,6 +24,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode, TracerProvider
 
 from authpool_server import __version__
 from authpool_server.grpc_paths import method_name, service_of
+from authpool_server.interceptors.chain import Metadata
 from authpool_server.telemetry.call import Call
 
 __all__ = ["TracingStep"]
@@ -59,12 +60,12 @@ class TracingStep:
             }
         return attributes
 
-    def _parent(self, context: grpc.aio.ServicerContext) -> otel_context.Context | None:
-        carrier = {key: value for key, value in context.invocation_metadata() or () if key in self._fields}
+    def _parent(self, metadata: Metadata) -> otel_context.Context | None:
+        carrier = {key: value for key, value in metadata if key in self._fields}
         return propagate.extract(carrier) if carrier else None
 
-    def enter(self, call: Call, context: grpc.aio.ServicerContext) -> None:
-        parent = self._parent(context)
+    def enter(self, call: Call, context: grpc.aio.ServicerContext, metadata: Metadata) -> None:
+        parent = self._parent(metadata)
         span = self._tracer.start_span(
             call.method[1:], context=parent, kind=SpanKind.SERVER, attributes=self._static(call.method)
         )
