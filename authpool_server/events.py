@@ -90,6 +90,17 @@ def _wake(waiter: asyncio.Future[None]) -> None:
         waiter.set_result(None)
 
 
+def _windows_passed(watchers: list[_Watcher]) -> None:
+    """The batch window of each of `watchers` has passed: wake those still waiting."""
+    for watcher in watchers:
+        if watcher.waiter is not None:
+            _wake(watcher.waiter)
+
+
+# What `_Watcher.offer` did with an event.
+_QUEUED, _FULL, _OPENED = range(3)
+
+
 def _alarm(watcher: _Watcher) -> None:
     watcher.alarm = None
     if watcher.waiter is not None:
@@ -135,21 +146,26 @@ class _Watcher:
         # The progress deadline's timer: armed once and re-armed only when it fires early.
         self.alarm: asyncio.TimerHandle | None = None
 
-    def offer(self, event: Event) -> bool:
-        """Queue `event` and wake the reader if it has enough; False if the queue is full."""
+    def offer(self, event: Event, now: float) -> int:
+        """Queue `event` (published at `now`, monotonic) and wake the reader if it has enough.
+
+        Returns _QUEUED, _FULL (nothing queued: the watcher is too far behind),
+        or _OPENED: `event` opened a batch that the waiting reader must be woken
+        for once the window has passed (the publisher arranges it).
+        """
         events = self.events
         if len(events) >= self.capacity:
-            return False
+            return _FULL
         events.append(event)
         if len(events) == 1 and self.window:
-            self.first_at = time.monotonic()
+            self.first_at = now
         waiter = self.waiter
         if waiter is not None and not waiter.done():
             if len(events) >= self.wake_at:
                 waiter.set_result(None)
-            elif len(events) == 1:  # the first of a batch, written at most a window from now
-                self.flush = waiter.get_loop().call_later(self.window, _wake, waiter)
-        return True
+            elif len(events) == 1:
+                return _OPENED
+        return _QUEUED
 
     def disarm(self) -> None:
         for timer in (self.flush, self.alarm):
@@ -225,15 +241,39 @@ class EventHub:
     def publish(self, events: Iterable[Event]) -> None:
         """Hand durable events, in sequence order, to every watcher that wants them. Never blocks."""
         overflowed: list[_Watcher] = []
+        opened: list[_Watcher] = []
+        now = time.monotonic()
         for event in events:
             self.last_sequence = event.sequence
             for watcher in self._candidates(event):
                 wanted = watcher.filter
-                if (wanted is None or wanted.matches(event)) and not watcher.lagged and not watcher.offer(event):
-                    watcher.lagged = True
-                    overflowed.append(watcher)
+                if (wanted is None or wanted.matches(event)) and not watcher.lagged:
+                    outcome = watcher.offer(event, now)
+                    if outcome == _OPENED:
+                        opened.append(watcher)
+                    elif outcome == _FULL:
+                        watcher.lagged = True
+                        overflowed.append(watcher)
+        if opened:
+            self._wake_after_windows(opened)
         for watcher in overflowed:
             self._cut(watcher)
+
+    @staticmethod
+    def _wake_after_windows(opened: list[_Watcher]) -> None:
+        """One timer for every watcher whose batch opened at this publish and has the same window.
+
+        An event goes to every watcher of its subscription, so their batches
+        open together and their windows end together: a timer each cost a
+        handle and a heap entry per message (the heap compares its handles in
+        Python) for wake-ups that happen at the same moment.
+        """
+        by_window: dict[float, list[_Watcher]] = {}
+        for watcher in opened:
+            by_window.setdefault(watcher.window, []).append(watcher)
+        loop = asyncio.get_running_loop()
+        for window, watchers in by_window.items():
+            loop.call_later(window, _windows_passed, watchers)
 
     def _cut(self, watcher: _Watcher) -> None:
         """End a watcher that fell too far behind; its events are dropped, its owner told."""

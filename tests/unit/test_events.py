@@ -75,3 +75,32 @@ async def test_a_full_batch_does_not_wait_out_its_window() -> None:
     batch = await asyncio.wait_for(first, timeout=1)
     await stream.aclose()
     assert [e.sequence for e in batch] == [1, 2, 3]  # type: ignore[union-attr]
+
+
+async def test_watchers_whose_batches_open_together_are_each_woken_when_the_window_ends() -> None:
+    # Five watchers of one subscription and one of another, each with a window of its own
+    # length: every batch is written once its own window has passed, not before, not much later.
+    hub = EventHub(MemoryStore())
+    windows = (0.2, 0.2, 0.2, 0.2, 0.4)
+    streams = [
+        hub.watch_batches(0, only=EventFilter(subscription_ids=frozenset({"sub1"})), max_events=100, window=window)
+        for window in windows
+    ]
+    other = hub.watch_batches(0, only=EventFilter(subscription_ids=frozenset({"sub2"})), max_events=100, window=0.2)
+    loop = asyncio.get_running_loop()
+    pending = [asyncio.ensure_future(stream.__anext__()) for stream in (*streams, other)]
+    await asyncio.sleep(0)
+    published = loop.time()
+    hub.publish([Event(1, 0.0, EventType.LEASE_GRANTED, "sub1"), Event(2, 0.0, EventType.LEASE_GRANTED, "sub1")])
+    await asyncio.sleep(0.1)
+    hub.publish([Event(3, 0.0, EventType.LEASE_GRANTED, "sub2")])
+    woken: list[float] = []
+    for waiting in pending[: len(streams)]:
+        batch = await asyncio.wait_for(waiting, timeout=2)
+        woken.append(loop.time() - published)
+        assert [e.sequence for e in batch] == [1, 2]  # type: ignore[union-attr]
+    assert [e.sequence for e in await asyncio.wait_for(pending[-1], timeout=2)] == [3]  # type: ignore[union-attr]
+    for stream in (*streams, other):
+        await stream.aclose()
+    for window, waited in zip(windows, woken, strict=True):
+        assert window - 0.01 < waited < window + 0.15, (window, waited)
