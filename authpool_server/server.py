@@ -275,10 +275,12 @@ class Server:
         # Event streams never end by themselves: end them now (each is told where to resume)
         # rather than have them hold the shutdown for the whole grace period.
         self.pool.events.close()
-        if self._server is not None:
-            await self._server.stop(grace)
-        if self.recorder is not None:
-            self.recorder.flush()  # the access lines and measurements of the last calls
+        try:
+            if self._server is not None:
+                await self._server.stop(grace)
+        finally:
+            if self.recorder is not None:
+                self.recorder.close()  # the last calls' access lines and measurements, and any later call's at once
         if self.reloader is not None:
             await self.reloader.close()
         for task in (self._sampler, self._readiness):

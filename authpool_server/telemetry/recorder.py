@@ -19,11 +19,13 @@ already holds up to half a second of INFO lines).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 
 import grpc
 from opentelemetry import context as otel_context
+from opentelemetry import trace
 
 from authpool_server.grpc_paths import method_name, service_of
 from authpool_server.telemetry.call import Call
@@ -31,13 +33,17 @@ from authpool_server.telemetry.metrics import Metrics
 
 __all__ = ["DEFAULT_INTERVAL_SECONDS", "CallRecorder", "access_log"]
 
+log = logging.getLogger(__name__)
 access_log = logging.getLogger("authpool.access")
 
 DEFAULT_INTERVAL_SECONDS = 0.1
-# A bound on what waits, whatever the load: at this many, record now.
+# A bound on what waits, whatever the load: at this many, record on the next turn of the loop.
 _MAX_PENDING = 1000
 # Health checks are logged at DEBUG, so probes every few seconds do not bury the calls that matter.
 _QUIET_SERVICES = frozenset({"grpc.health.v1.Health"})
+# The context of a call that has no span. Not the empty context: OpenTelemetry takes an empty one
+# to mean "the current context", which for a batch is that of whichever call started its timer.
+_NO_SPAN = trace.set_span_in_context(trace.INVALID_SPAN)
 
 _Ended = tuple[Call, grpc.StatusCode, float, float, otel_context.Context]
 
@@ -49,28 +55,58 @@ class CallRecorder:
         self._metrics = metrics
         self._interval = interval
         self._pending: list[_Ended] = []
-        self._timer: asyncio.TimerHandle | None = None
+        self._scheduled: asyncio.Handle | None = None
+        self._soon = False  # the scheduled flush is the next turn of the loop, not the interval's end
+        self._closed = False
 
     def ended(self, call: Call, code: grpc.StatusCode, seconds: float) -> None:
         """Queue `call`, which ended with `code` after `seconds`; call on the event loop serving it."""
-        # The current context still holds the call's span: a sampled one gives its measurement an exemplar.
-        self._pending.append((call, code, seconds, time.time(), otel_context.get_current()))
-        if len(self._pending) >= _MAX_PENDING:
-            self.flush()
-        elif self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(self._interval, self.flush)
+        # The current context holds the call's span: a sampled one gives its measurement an exemplar.
+        self._pending.append((call, code, seconds, time.time(), otel_context.get_current() or _NO_SPAN))
+        if self._closed:
+            self.flush()  # stopping: nothing would record it later
+        elif len(self._pending) >= _MAX_PENDING:
+            if not self._soon:  # not here: this call's response would wait for a thousand others'
+                self._schedule(0.0)
+        elif self._scheduled is None:
+            self._schedule(self._interval)
+
+    def _schedule(self, delay: float) -> None:
+        if self._scheduled is not None:
+            self._scheduled.cancel()
+        loop = asyncio.get_running_loop()
+        # In a context of its own, not in that of the call that happens to start the batch.
+        empty = contextvars.Context()
+        self._scheduled = (
+            loop.call_soon(self.flush, context=empty)
+            if delay == 0
+            else loop.call_later(delay, self.flush, context=empty)
+        )
+        self._soon = delay == 0
 
     def flush(self) -> None:
         """Record every queued call now: measurements first, then the access-log lines, each in call order."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        if self._scheduled is not None:
+            self._scheduled.cancel()
+            self._scheduled = None
+        self._soon = False
         ended, self._pending = self._pending, []
+        failures = 0
         if self._metrics is not None:
             for call, code, seconds, _, context in ended:
-                self._metrics.rpc_finished(call, code, seconds, context)
+                try:
+                    self._metrics.rpc_finished(call, code, seconds, context)
+                except Exception:
+                    failures += 1
+                    if failures == 1:  # one report a batch, and the rest of the batch still recorded
+                        log.exception("measuring an ended call failed")
         for call, code, seconds, at, _ in ended:
             _log_line(call, code, seconds, at)
+
+    def close(self) -> None:
+        """Record what is waiting, and from now on each call as it ends: the server is stopping."""
+        self._closed = True
+        self.flush()
 
 
 def _log_line(call: Call, code: grpc.StatusCode, seconds: float, at: float) -> None:
