@@ -90,10 +90,11 @@ def _wake(waiter: asyncio.Future[None]) -> None:
         waiter.set_result(None)
 
 
-def _windows_passed(watchers: list[_Watcher]) -> None:
-    """The batch window of each of `watchers` has passed: wake those still waiting."""
-    for watcher in watchers:
-        if watcher.waiter is not None:
+def _windows_passed(opened: list[tuple[_Watcher, int]]) -> None:
+    """The window of each of these batches has passed: wake the readers still waiting for theirs."""
+    for watcher, batch in opened:
+        # A batch that filled up early has been taken, and its reader waits for another.
+        if watcher.batches == batch and watcher.waiter is not None:
             _wake(watcher.waiter)
 
 
@@ -110,6 +111,7 @@ def _alarm(watcher: _Watcher) -> None:
 class _Watcher:
     __slots__ = (
         "alarm",
+        "batches",
         "capacity",
         "events",
         "filter",
@@ -142,6 +144,7 @@ class _Watcher:
         self.window = window if max_events > 1 else 0.0
         self.wake_at = max_events if self.window else 1
         self.first_at = 0.0
+        self.batches = 0  # opened or taken so far: which batch a window timer was set for
         self.flush: asyncio.TimerHandle | None = None
         # The progress deadline's timer: armed once and re-armed only when it fires early.
         self.alarm: asyncio.TimerHandle | None = None
@@ -159,6 +162,7 @@ class _Watcher:
         events.append(event)
         if len(events) == 1 and self.window:
             self.first_at = now
+            self.batches += 1
         waiter = self.waiter
         if waiter is not None and not waiter.done():
             if len(events) >= self.wake_at:
@@ -241,7 +245,7 @@ class EventHub:
     def publish(self, events: Iterable[Event]) -> None:
         """Hand durable events, in sequence order, to every watcher that wants them. Never blocks."""
         overflowed: list[_Watcher] = []
-        opened: list[_Watcher] = []
+        opened: list[tuple[_Watcher, int]] = []
         now = time.monotonic()
         for event in events:
             self.last_sequence = event.sequence
@@ -250,7 +254,7 @@ class EventHub:
                 if (wanted is None or wanted.matches(event)) and not watcher.lagged:
                     outcome = watcher.offer(event, now)
                     if outcome == _OPENED:
-                        opened.append(watcher)
+                        opened.append((watcher, watcher.batches))
                     elif outcome == _FULL:
                         watcher.lagged = True
                         overflowed.append(watcher)
@@ -260,7 +264,7 @@ class EventHub:
             self._cut(watcher)
 
     @staticmethod
-    def _wake_after_windows(opened: list[_Watcher]) -> None:
+    def _wake_after_windows(opened: list[tuple[_Watcher, int]]) -> None:
         """One timer for every watcher whose batch opened at this publish and has the same window.
 
         An event goes to every watcher of its subscription, so their batches
@@ -268,12 +272,12 @@ class EventHub:
         handle and a heap entry per message (the heap compares its handles in
         Python) for wake-ups that happen at the same moment.
         """
-        by_window: dict[float, list[_Watcher]] = {}
-        for watcher in opened:
-            by_window.setdefault(watcher.window, []).append(watcher)
+        by_window: dict[float, list[tuple[_Watcher, int]]] = {}
+        for entry in opened:
+            by_window.setdefault(entry[0].window, []).append(entry)
         loop = asyncio.get_running_loop()
-        for window, watchers in by_window.items():
-            loop.call_later(window, _windows_passed, watchers)
+        for window, batches in by_window.items():
+            loop.call_later(window, _windows_passed, batches)
 
     def _cut(self, watcher: _Watcher) -> None:
         """End a watcher that fell too far behind; its events are dropped, its owner told."""
@@ -405,6 +409,7 @@ class EventHub:
                         if event.sequence > cursor:  # else: already replayed
                             cursor = event.sequence
                             batch.append(event)
+                    watcher.batches += 1  # taken: a window timer set for it wakes no one
                     if batch:
                         yield batch
                         quiet_since = loop.time()
