@@ -94,9 +94,12 @@ def make_spec(
 
 async def eventually(condition: Callable[[], object], *, seconds: float = 20.0) -> None:
     """Wait until `condition()` holds: at most `seconds`, or less if the caller's `asyncio.timeout` says so."""
-    async with asyncio.timeout(seconds):
-        while not condition():  # noqa: ASYNC110 - polls state that another task, thread or process changes
-            await asyncio.sleep(0.01)
+    try:
+        async with asyncio.timeout(seconds):
+            while not condition():  # noqa: ASYNC110 - polls state that another task, thread or process changes
+                await asyncio.sleep(0.01)
+    except TimeoutError:
+        raise AssertionError(f"still not true after {seconds} s: {condition.__doc__ or condition}") from None
 
 
 @pytest.fixture
