@@ -32,7 +32,7 @@ from authpool_server.config import Settings, WebhookSettings
 from authpool_server.delivery import WebhookDispatcher
 from authpool_server.domain import PoolSpec
 from authpool_server.errors import StartupRefused
-from authpool_server.interceptors import ChainedRegistration, build_chain
+from authpool_server.interceptors import ChainedRegistration, TracingStep, build_chain
 from authpool_server.pool import Pool
 from authpool_server.reload import DEFAULT_POLL_SECONDS, ConfigReloader, ReloadResult
 from authpool_server.security.settings import SecuritySettings
@@ -104,7 +104,9 @@ class Server:
         self.security = security
         self.telemetry = telemetry if telemetry is not None else telemetry_from_env(os.environ)
         self.metrics = Metrics(self.telemetry.meter_provider, self.pool) if intercept else None
-        self.recorder = CallRecorder(self.metrics) if intercept else None
+        provider = self.telemetry.tracer_provider
+        self._tracing = TracingStep(provider) if intercept and provider is not None else None
+        self.recorder = CallRecorder(self.metrics, self._tracing) if intercept else None
         self._listen = listen
         self._admin = (
             AdminServer(self.pool, self.metrics, self.telemetry.registry, security, admin_listen, self.recorder)
@@ -168,7 +170,7 @@ class Server:
         server = grpc.aio.server(options=[*self.security.grpc_options(), ("grpc.so_reuseport", 0)])
         services: grpc.aio.Server | ChainedRegistration = server
         if self.recorder is not None:
-            chain = build_chain(self.security, self.recorder, self.telemetry.tracer_provider)
+            chain = build_chain(self.security, self.recorder, self._tracing)
             services = ChainedRegistration(server, chain)
         add_to_server(AuthPoolService(self.pool), services)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, services)

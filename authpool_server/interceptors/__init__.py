@@ -7,8 +7,6 @@ lookup per call.
 
 from __future__ import annotations
 
-from opentelemetry.sdk.trace import TracerProvider
-
 from authpool_server.interceptors.access import AccessStep
 from authpool_server.interceptors.auth import AuthStep
 from authpool_server.interceptors.chain import Chain, ChainedRegistration, Step
@@ -17,13 +15,14 @@ from authpool_server.interceptors.tracing import TracingStep
 from authpool_server.security.settings import SecuritySettings
 from authpool_server.telemetry.recorder import CallRecorder
 
-__all__ = ["Chain", "ChainedRegistration", "build_chain"]
+__all__ = ["Chain", "ChainedRegistration", "TracingStep", "build_chain"]
 
 
-def build_chain(security: SecuritySettings, recorder: CallRecorder, tracer_provider: TracerProvider | None) -> Chain:
+def build_chain(security: SecuritySettings, recorder: CallRecorder, tracing: TracingStep | None) -> Chain:
+    """The chain; `tracing`, the step whose spans `recorder` makes (None: no span at all, traces go nowhere)."""
     steps: list[Step] = []
-    if tracer_provider is not None:  # no span at all when traces go nowhere
-        steps.append(TracingStep(tracer_provider))
+    if tracing is not None:
+        steps.append(tracing)
     steps.append(AccessStep(recorder))
     steps.append(AuthStep(security))
     if security.rate_limits is not None:

@@ -1,4 +1,4 @@
-"""A server span for every RPC, continuing the caller's W3C trace context.
+"""A server span for every RPC, continuing the caller's W3C trace context, made once the call has ended.
 
 Why not the maintained `opentelemetry-instrumentation-grpc`: its grpc.aio
 interceptor builds a new handler and wraps the servicer context in a proxy
@@ -8,9 +8,23 @@ status of calls ended with `abort_with_status` (how every error of ours is
 sent). This step makes the same span (name `authpool.v1.AuthPool/Allocate`,
 kind SERVER, `rpc.system`, `rpc.service`, `rpc.method`,
 `rpc.grpc.status_code`, status ERROR for the codes that are the server's
-fault), adds `authpool.principal`, and leaves the client, subscription and
-decision to `telemetry.call.annotate`. Context comes in through the global
-propagator (`OTEL_PROPAGATORS`, W3C trace context and baggage by default).
+fault), plus `authpool.principal`, `authpool.client_id`,
+`authpool.subscription_id`, `authpool.decision` and `authpool.usage.outcome`
+from the call's record (`telemetry.call`). Context comes in through the
+global propagator (`OTEL_PROPAGATORS`, W3C trace context and baggage by
+default).
+
+On the call's path the step only reads the caller's trace context and keeps
+what ended the call; the span itself is made by `record`, which the call
+recorder runs in its batch, shortly after the call, with the call's own
+start and end times. Made while the call ran, the span (sampled or not:
+trace id, sampler, span objects, attaching it as the current context) cost
+the server more than twice as much CPU per call as the same work in a
+batch, where the code and data stay warm from one call to the next (see
+`telemetry.recorder`). The price: the server span is not the current span
+while its call runs, so a span started inside a call would not be its child.
+No code here starts one; whatever does must take its parent from the call
+record's `parent`, not from the current context.
 """
 
 from __future__ import annotations
@@ -26,6 +40,7 @@ from authpool_server import __version__
 from authpool_server.grpc_paths import method_name, service_of
 from authpool_server.interceptors.chain import Metadata
 from authpool_server.telemetry.call import Call
+from authpool_server.telemetry.recorder import NO_SPAN
 
 __all__ = ["TracingStep"]
 
@@ -42,6 +57,14 @@ _SERVER_FAULTS = frozenset(
 )
 # Ends of calls that are answers, not crashes: no exception event on the span.
 _EXPECTED = (grpc.aio.AbortError, grpc.aio.UsageError)
+# The call record's identifiers, as span attributes.
+_ATTRIBUTES = (
+    ("principal", "authpool.principal"),
+    ("client_id", "authpool.client_id"),
+    ("subscription_id", "authpool.subscription_id"),
+    ("decision", "authpool.decision"),
+    ("outcome", "authpool.usage.outcome"),
+)
 
 
 class TracingStep:
@@ -60,36 +83,41 @@ class TracingStep:
             }
         return attributes
 
-    def _parent(self, metadata: Metadata) -> otel_context.Context | None:
-        carrier = {key: value for key, value in metadata if key in self._fields}
-        return propagate.extract(carrier) if carrier else None
-
     def enter(self, call: Call, context: grpc.aio.ServicerContext, metadata: Metadata) -> None:
-        parent = self._parent(metadata)
-        span = self._tracer.start_span(
-            call.method[1:], context=parent, kind=SpanKind.SERVER, attributes=self._static(call.method)
-        )
-        call.span = span
-        if parent is None and not span.is_recording():
-            # Not sampled, and no caller's trace to carry on: nothing in the call reads the
-            # current span but to see whether it records, and an empty context says it does
-            # not. (A child span, should one ever be started, would be a root of its own.)
-            # Attaching and detaching cost ~15 µs of server CPU per call.
-            return
-        call.span_token = otel_context.attach(trace.set_span_in_context(span, parent))
+        call.traced = True
+        carrier = {key: value for key, value in metadata if key in self._fields}
+        if carrier:
+            call.parent = propagate.extract(carrier)
 
     def exit(
         self, call: Call, context: grpc.aio.ServicerContext, code: grpc.StatusCode, raised: BaseException | None
     ) -> None:
-        span = call.span
-        if span.is_recording():
-            span.set_attribute("rpc.grpc.status_code", code.value[0])
-            if call.principal:
-                span.set_attribute("authpool.principal", call.principal)
-            if code in _SERVER_FAULTS:
-                span.set_status(Status(StatusCode.ERROR, code.name))
-            if isinstance(raised, Exception) and not isinstance(raised, _EXPECTED):
-                span.record_exception(raised)
-        span.end()
-        if call.span_token is not None:
-            otel_context.detach(call.span_token)
+        if isinstance(raised, Exception) and not isinstance(raised, _EXPECTED):
+            call.crash = raised
+
+    def record(self, call: Call, code: grpc.StatusCode, start_ns: int, end_ns: int) -> otel_context.Context:
+        """Make and end the span of `call`, which ran from `start_ns` to `end_ns` (epoch nanoseconds).
+
+        Returns the context that holds it when it records (a measurement of the
+        call made in it gets the span as its exemplar), else `NO_SPAN`.
+        """
+        span = self._tracer.start_span(
+            call.method[1:],
+            context=call.parent,
+            kind=SpanKind.SERVER,
+            attributes=self._static(call.method),
+            start_time=start_ns,
+        )
+        if not span.is_recording():
+            span.end(end_time=end_ns)
+            return NO_SPAN
+        span.set_attribute("rpc.grpc.status_code", code.value[0])
+        for field, attribute in _ATTRIBUTES:
+            if value := getattr(call, field):
+                span.set_attribute(attribute, value)
+        if code in _SERVER_FAULTS:
+            span.set_status(Status(StatusCode.ERROR, code.name))
+        if call.crash is not None:
+            span.record_exception(call.crash, timestamp=end_ns)
+        span.end(end_time=end_ns)
+        return trace.set_span_in_context(span)

@@ -2,8 +2,8 @@
 
 The interceptor chain opens a `Call` for each RPC and hands it to its steps;
 the auth step fills in the principal, and the service annotates the client,
-subscription, decision and usage outcome through `annotate`, which also puts
-them on the current span.
+subscription, decision and usage outcome through `annotate`. The span is made
+from the record once the call has ended (`interceptors.tracing`).
 Everything here is an identifier, never a secret or an email.
 """
 
@@ -13,17 +13,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
-from opentelemetry import trace
-
 __all__ = ["Call", "annotate", "close_call", "open_call"]
-
-_ATTRIBUTES = {
-    "client_id": "authpool.client_id",
-    "subscription_id": "authpool.subscription_id",
-    "decision": "authpool.decision",
-    "principal": "authpool.principal",
-    "outcome": "authpool.usage.outcome",
-}
 
 
 @dataclass(slots=True)
@@ -37,8 +27,9 @@ class Call:
     admitted: bool = False  # reached the service: not refused by auth or a rate limit
     # Kept by the chain's steps between their enter and exit:
     started: float = 0.0  # perf_counter() when the access step entered
-    span: Any = None  # the call's span, when it is traced
-    span_token: Any = None  # the context attached while the span is current
+    traced: bool = False  # a span is to be made of it
+    parent: Any = None  # the caller's trace context, when its metadata carried one
+    crash: BaseException | None = None  # what ended it unexpectedly, for the span
 
 
 _CURRENT: ContextVar[Call | None] = ContextVar("authpool_call", default=None)
@@ -60,6 +51,3 @@ def annotate(**fields: str) -> None:
     if call is not None:
         for name, value in fields.items():
             setattr(call, name, value)
-    span = trace.get_current_span()
-    if span.is_recording():
-        span.set_attributes({_ATTRIBUTES[name]: value for name, value in fields.items() if value})

@@ -11,7 +11,12 @@ import pytest
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from authpool_server.interceptors import TracingStep
 from authpool_server.pool import Pool
 from authpool_server.store.memory import MemoryStore
 from authpool_server.telemetry.call import Call
@@ -104,17 +109,43 @@ async def test_health_checks_are_logged_at_debug(
     assert [r.context["method"] for r in access_records(caplog)] == logged  # type: ignore[attr-defined]
 
 
-async def test_a_measurement_links_to_its_own_calls_trace_never_to_another_calls() -> None:
-    # The batch is recorded later, in whatever context its timer runs: here the timer is
-    # started inside a traced call, and the untraced call after it must not take its trace.
+def traced_call(client_id: str, parent: object = None) -> Call:
+    call = ended_call(client_id)
+    call.traced, call.parent = True, parent
+    return call
+
+
+async def test_each_traced_call_gets_its_span_with_its_own_times_and_its_measurement_links_to_it() -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
     reader = InMemoryMetricReader()
     metrics = Metrics(MeterProvider(metric_readers=[reader]), Pool(make_spec(), MemoryStore()))
-    recorder = CallRecorder(metrics, interval=0.05)
-    tracer = TracerProvider().get_tracer("test")
-    with tracer.start_as_current_span("traced call") as span:
-        recorder.ended(ended_call("traced"), grpc.StatusCode.OK, 0.0003)  # starts the batch's timer
+    recorder = CallRecorder(metrics, TracingStep(provider), interval=0.05)
+    caller = TraceContextTextMapPropagator().extract(
+        {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
+    )
+
+    before = time.time_ns()
+    recorder.ended(traced_call("traced"), grpc.StatusCode.OK, 0.0003)
     recorder.ended(ended_call("untraced"), grpc.StatusCode.OK, 0.3)  # another bucket of the histogram
+    recorder.ended(traced_call("continued", caller), grpc.StatusCode.UNAVAILABLE, 0.02)
+    after = time.time_ns()
+    assert exporter.get_finished_spans() == ()  # made in the batch, not in the call
     await asyncio.sleep(0.2)
+
+    traced, continued = exporter.get_finished_spans()
+    assert traced.attributes["authpool.client_id"] == "traced"
+    assert traced.parent is None
+    assert continued.attributes["authpool.client_id"] == "continued"
+    assert continued.context.trace_id == 0x0AF7651916CD43DD8448EB211C80319C
+    assert continued.parent.span_id == 0xB7AD6B7169203331
+    assert continued.attributes["rpc.grpc.status_code"] == grpc.StatusCode.UNAVAILABLE.value[0]
+    assert continued.status.status_code is StatusCode.ERROR
+    for span, seconds in ((traced, 0.0003), (continued, 0.02)):
+        # When the call ran, not when its batch was recorded a twentieth of a second later.
+        assert before <= span.end_time <= after
+        assert span.end_time - span.start_time == pytest.approx(seconds * 1e9, abs=1000)
 
     data = reader.get_metrics_data()
     (histogram,) = [
@@ -124,6 +155,32 @@ async def test_a_measurement_links_to_its_own_calls_trace_never_to_another_calls
         for metric in scope.metrics
         if metric.name == "rpc.server.duration"
     ]
-    (point,) = histogram.data.data_points
-    assert point.count == 2
-    assert [(e.value, e.trace_id) for e in point.exemplars] == [(0.0003, span.get_span_context().trace_id)]
+    points = histogram.data.data_points  # one per status code
+    assert sum(point.count for point in points) == 3
+    exemplars = sorted((e.value, e.trace_id, e.span_id) for point in points for e in point.exemplars)
+    assert exemplars == sorted(
+        (seconds, span.context.trace_id, span.context.span_id)
+        for span, seconds in ((traced, 0.0003), (continued, 0.02))
+    )
+
+
+async def test_a_call_that_crashed_has_the_exception_on_its_span_and_an_answer_does_not() -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing = TracingStep(provider)
+    recorder = CallRecorder(metrics=None, spans=tracing, interval=60)
+    crashed, refused = traced_call("crashed"), traced_call("refused")
+    tracing.exit(crashed, None, grpc.StatusCode.UNKNOWN, RuntimeError("the store went away"))  # type: ignore[arg-type]
+    tracing.exit(refused, None, grpc.StatusCode.PERMISSION_DENIED, grpc.aio.AbortError())  # type: ignore[arg-type]
+    recorder.ended(crashed, grpc.StatusCode.UNKNOWN, 0.001)
+    recorder.ended(refused, grpc.StatusCode.PERMISSION_DENIED, 0.001)
+    recorder.flush()
+
+    crashed_span, refused_span = exporter.get_finished_spans()
+    (event,) = crashed_span.events
+    assert event.name == "exception"
+    assert event.attributes["exception.type"] == "RuntimeError"
+    assert crashed_span.status.status_code is StatusCode.ERROR
+    assert refused_span.events == ()  # an answer, not a crash
+    assert refused_span.status.status_code is StatusCode.UNSET  # the caller's fault, not the server's
