@@ -17,6 +17,11 @@ sidecars would; `watchers_ratio` is its throughput over its twin's, the two
 run back to back in each round, in alternating order. The watchers count
 what they receive and check it against the log afterwards (`watchers_*`
 figures): a ratio measured with a dead or lagging watcher is not reported.
+Their process runs at a lower CPU priority (`WATCHERS_NICE`): they stand for
+consumers on other machines, not for load on the server's two cores; each
+message's lag (arrival minus its newest event's commit) shows that they kept
+up, and a ratio measured while their p99 lag exceeded `WATCHERS_MAX_P99_LAG_MS`
+is not reported either.
 `allocate_watched_all` (not in the default schedule; see BENCH_SCENARIOS)
 does the same with 100 unfiltered streams, each event to every one.
 
@@ -110,6 +115,10 @@ PHASES = ("soak", "soak_rpc", "scale")
 # Scenarios run against the untraced server while `bench.watchers` holds streams open: what they follow.
 WATCHED = {"allocate_watched": "subscription", "allocate_watched_all": "all"}
 WATCHERS = 100
+WATCHERS_NICE = 10
+# A watcher that keeps up gets each batch its window (100 ms) after the batch's first event, plus
+# scheduling; one that falls behind lags by more and more. Ten windows is clearly the latter.
+WATCHERS_MAX_P99_LAG_MS = 1000.0
 _SERVER_START_TIMEOUT = 30.0
 _LOAD_READY_TIMEOUT = 30.0
 _DRIFT_WARNING = 0.15
@@ -356,6 +365,7 @@ def _watchers(
     command = [
         *(sys.executable, "-m", "bench.watchers", "--target", server.target, "--watchers", str(WATCHERS)),
         *("--follow", follow, "--subscriptions", str(subscriptions), "--out", str(out)),
+        *("--nice", str(WATCHERS_NICE)),
     ]
     process = _spawn(command, token)
     try:
@@ -378,6 +388,7 @@ def _watchers(
 def _watcher_figures(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """What the watchers of one scenario received over its runs: the proof that they were live."""
     received = [count for run in runs for count in run["received"]]
+    lags = sorted(lag for run in runs for lag in run["lags_ms"])
     return {
         "watchers": runs[0]["watchers"],
         "follow": runs[0]["follow"],
@@ -392,9 +403,16 @@ def _watcher_figures(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "batch_window_ms": runs[0]["batch_window_ms"],
         "progress_messages": sum(run["progress_messages"] for run in runs),
         "out_of_order": sum(run["out_of_order"] for run in runs),
+        "lag_p50_ms": _quantile(lags, 0.5),
+        "lag_p99_ms": _quantile(lags, 0.99),
+        "lag_max_ms": lags[-1] if lags else None,
         "errors": [error for run in runs for error in run["errors"]],
         "client_cpu_seconds": sum(run["client_cpu_seconds"] for run in runs),
     }
+
+
+def _quantile(ordered: list[float], q: float) -> float | None:
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else None
 
 
 def _watchers_live(figures: dict[str, Any]) -> bool:
@@ -403,6 +421,8 @@ def _watchers_live(figures: dict[str, Any]) -> bool:
         and figures["events_missed"] == 0
         and figures["out_of_order"] == 0
         and not figures["errors"]
+        and figures["lag_p99_ms"] is not None
+        and figures["lag_p99_ms"] <= WATCHERS_MAX_P99_LAG_MS
     )
 
 
@@ -600,9 +620,10 @@ def _problems(scenarios: dict[str, dict[str, Any]], flat: dict[str, Any], store:
         watched = figures.get("watchers")
         if watched is not None and not _watchers_live(watched):
             problems.append(
-                f"{name}: the watchers were not all live and complete (fewest events one received in a run "
-                f"{watched['min_events_per_watcher_run']}, missed {watched['events_missed']}, out of order "
-                f"{watched['out_of_order']}, errors {watched['errors'][:3]}): its ratio is not reported"
+                f"{name}: the watchers were not all live, complete and keeping up (fewest events one received "
+                f"in a run {watched['min_events_per_watcher_run']}, missed {watched['events_missed']}, out of "
+                f"order {watched['out_of_order']}, p99 lag {watched['lag_p99_ms']} ms of at most "
+                f"{WATCHERS_MAX_P99_LAG_MS:.0f}, errors {watched['errors'][:3]}): its ratio is not reported"
             )
     ceiling = flat.get("lifecycle_noop_ceiling_rps")
     for name, key, _, bound, multiple_of in TARGETS:
@@ -783,7 +804,9 @@ def _report(result: dict[str, Any]) -> str:
                 f"{watched['max_batch_events']} events, window {watched['batch_window_ms']} ms; received "
                 f"{watched['events_received']:,} of {watched['events_expected']:,} events due "
                 f"({watched['events_in_log']:,} in the log), missed {watched['events_missed']}, fewest in a run "
-                f"{watched['min_events_per_watcher_run']:,}; throughput / twin "
+                f"{watched['min_events_per_watcher_run']:,}, lag p50/p99/max {_fmt(watched['lag_p50_ms'], 0)}/"
+                f"{_fmt(watched['lag_p99_ms'], 0)}/{_fmt(watched['lag_max_ms'], 0)} ms (process at nice "
+                f"{WATCHERS_NICE}); throughput / twin "
                 f"{_fmt(result.get(key + '_ratio_unchecked'))}, server CPU per Allocate twin / watched "
                 f"{_fmt(result.get(key + '_cpu_ratio'))}; {_fmt(result.get(key + '_deliveries_per_allocate'))} "
                 f"events to watchers per Allocate in {_fmt(result.get(key + '_messages_per_allocate'))} messages "
