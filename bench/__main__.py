@@ -8,6 +8,9 @@ each server), lifecycle, noop. Interleaving the rounds lets every scenario
 see the same share of whatever else the (shared, noisy) machine is doing,
 and the baseline that the ratios divide by is pooled over all its runs. Each
 scenario's figures pool its runs; each run's throughput is recorded too.
+The servers compared in a ratio serve the same calls: the lifecycle, which
+leaves usage records behind (an Allocate costs more as they pile up), runs
+on a server of its own, configured as deployed.
 
 `allocate_watched` is `allocate_untraced` (same server, same load) while a
 `bench.watchers` process holds 100 live WatchEvents streams, each on its own
@@ -940,6 +943,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 traced_env = {"BENCH_TOKEN": token, "OTEL_EXPORTER_OTLP_ENDPOINT": sink.endpoint}
                 full_env = traced_env | deployed_telemetry()
                 full = stack.enter_context(_server(work_dir, args.subscriptions, "full", full_env))
+                # Lifecycles leave usage records behind, and an Allocate costs more as they pile up
+                # (see scale_p50_ratio): they get a server of their own, so that `full` and `bare`,
+                # compared in interceptor_overhead, have served the same calls.
+                lifecycle: list[ServerProcess] = []
+                if "lifecycle" in args.schedule:
+                    own = _server(work_dir, args.subscriptions, "full", full_env, "lifecycle")
+                    lifecycle.append(stack.enter_context(own))
                 all_spans_env = traced_env | {"OTEL_TRACES_SAMPLER": "always_on"}
                 all_spans = stack.enter_context(
                     _server(work_dir, args.subscriptions, "full", all_spans_env, "all-spans")
@@ -948,7 +958,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     _server(work_dir, args.subscriptions, "full", {"BENCH_TOKEN": token}, "untraced")
                 )
                 bare = stack.enter_context(_server(work_dir, args.subscriptions, "off", {}))
-                servers = [full, all_spans, untraced, bare]
+                servers = [full, *lifecycle, all_spans, untraced, bare]
                 pg: list[ServerProcess] = []
                 if "allocate_pg" in args.schedule:
                     pg_env, pg_extra = stack.enter_context(_postgres_schema())
@@ -966,6 +976,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     print(f"[{index + 1}/{len(args.schedule)}] {scenario} ...", file=sys.stderr, flush=True)
                     targets, server_token = {
                         "allocate_bare": ([bare], ""),
+                        "lifecycle": (lifecycle, token),
                         "allocate_pg": (pg, ""),
                         "allocate_pg2": (pg2, ""),
                         "allocate_all_spans": ([all_spans], token),
@@ -986,7 +997,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     if follow is not None:
                         watched_raw.setdefault(scenario, []).append(watched)
             spans_exported = sink.spans
-            store = _store_counts(work_dir / "data-full")
+            store = _store_counts(work_dir / "data-lifecycle")
     finally:
         if not args.keep_data:
             shutil.rmtree(work_dir, ignore_errors=True)
