@@ -84,7 +84,6 @@ class TracingStep:
         return attributes
 
     def enter(self, call: Call, context: grpc.aio.ServicerContext, metadata: Metadata) -> None:
-        call.traced = True
         carrier = {key: value for key, value in metadata if key in self._fields}
         if carrier:
             call.parent = propagate.extract(carrier)

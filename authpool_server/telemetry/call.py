@@ -27,7 +27,6 @@ class Call:
     admitted: bool = False  # reached the service: not refused by auth or a rate limit
     # Kept by the chain's steps between their enter and exit:
     started: float = 0.0  # perf_counter() when the access step entered
-    traced: bool = False  # a span is to be made of it
     parent: Any = None  # the caller's trace context, when its metadata carried one
     crash: BaseException | None = None  # what ended it unexpectedly, for the span
 

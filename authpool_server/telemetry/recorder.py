@@ -59,7 +59,7 @@ class CallRecorder:
     def __init__(
         self, metrics: Metrics | None, spans: TracingStep | None = None, interval: float = DEFAULT_INTERVAL_SECONDS
     ) -> None:
-        """`spans` makes the span of each call its step traced; without it, calls have none."""
+        """`spans`, the tracing step of the chain, makes each call's span; without it, calls have none."""
         self._metrics = metrics
         self._spans = spans
         self._interval = interval
@@ -114,23 +114,21 @@ class CallRecorder:
             _log_line(call, code, seconds, at)
 
     def _record_spans(self, ended: list[_Ended]) -> list[otel_context.Context]:
-        """The span of each traced call, made and ended; the contexts that hold them (NO_SPAN if none)."""
+        """The span of each call, made and ended; the contexts that hold them (NO_SPAN if none)."""
         spans = self._spans
         if spans is None:
             return [NO_SPAN] * len(ended)
         contexts = []
         failures = 0
         for call, code, seconds, at in ended:
-            context = NO_SPAN
-            if call.traced:
-                end_ns = int(at * 1e9)
-                try:
-                    context = spans.record(call, code, end_ns - int(seconds * 1e9), end_ns)
-                except Exception:
-                    failures += 1
-                    if failures == 1:
-                        log.exception("making the span of an ended call failed")
-            contexts.append(context)
+            end_ns = int(at * 1e9)
+            try:
+                contexts.append(spans.record(call, code, end_ns - int(seconds * 1e9), end_ns))
+            except Exception:
+                contexts.append(NO_SPAN)
+                failures += 1
+                if failures == 1:
+                    log.exception("making the span of an ended call failed")
         return contexts
 
     def close(self) -> None:

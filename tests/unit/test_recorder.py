@@ -109,13 +109,14 @@ async def test_health_checks_are_logged_at_debug(
     assert [r.context["method"] for r in access_records(caplog)] == logged  # type: ignore[attr-defined]
 
 
-def traced_call(client_id: str, parent: object = None) -> Call:
+def continued_call(client_id: str, parent: object) -> Call:
+    """A call whose caller sent its trace context (`parent`, as the tracing step extracted it)."""
     call = ended_call(client_id)
-    call.traced, call.parent = True, parent
+    call.parent = parent
     return call
 
 
-async def test_each_traced_call_gets_its_span_with_its_own_times_and_its_measurement_links_to_it() -> None:
+async def test_each_call_gets_its_own_span_with_its_own_times_and_its_measurement_links_to_it() -> None:
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
@@ -127,22 +128,24 @@ async def test_each_traced_call_gets_its_span_with_its_own_times_and_its_measure
     )
 
     before = time.time_ns()
-    recorder.ended(traced_call("traced"), grpc.StatusCode.OK, 0.0003)
-    recorder.ended(ended_call("untraced"), grpc.StatusCode.OK, 0.3)  # another bucket of the histogram
-    recorder.ended(traced_call("continued", caller), grpc.StatusCode.UNAVAILABLE, 0.02)
+    recorder.ended(ended_call("root"), grpc.StatusCode.OK, 0.0003)
+    recorder.ended(ended_call("other"), grpc.StatusCode.OK, 0.3)  # another bucket of the histogram
+    recorder.ended(continued_call("continued", caller), grpc.StatusCode.UNAVAILABLE, 0.02)
     after = time.time_ns()
     assert exporter.get_finished_spans() == ()  # made in the batch, not in the call
     await asyncio.sleep(0.2)
 
-    traced, continued = exporter.get_finished_spans()
-    assert traced.attributes["authpool.client_id"] == "traced"
-    assert traced.parent is None
+    root, other, continued = exporter.get_finished_spans()
+    assert root.attributes["authpool.client_id"] == "root"
+    assert root.parent is None
+    assert other.context.trace_id != root.context.trace_id  # a trace of its own
     assert continued.attributes["authpool.client_id"] == "continued"
     assert continued.context.trace_id == 0x0AF7651916CD43DD8448EB211C80319C
     assert continued.parent.span_id == 0xB7AD6B7169203331
     assert continued.attributes["rpc.grpc.status_code"] == grpc.StatusCode.UNAVAILABLE.value[0]
     assert continued.status.status_code is StatusCode.ERROR
-    for span, seconds in ((traced, 0.0003), (continued, 0.02)):
+    timed = ((root, 0.0003), (other, 0.3), (continued, 0.02))
+    for span, seconds in timed:
         # When the call ran, not when its batch was recorded a twentieth of a second later.
         assert before <= span.end_time <= after
         assert span.end_time - span.start_time == pytest.approx(seconds * 1e9, abs=1000)
@@ -157,11 +160,13 @@ async def test_each_traced_call_gets_its_span_with_its_own_times_and_its_measure
     ]
     points = histogram.data.data_points  # one per status code
     assert sum(point.count for point in points) == 3
-    exemplars = sorted((e.value, e.trace_id, e.span_id) for point in points for e in point.exemplars)
-    assert exemplars == sorted(
-        (seconds, span.context.trace_id, span.context.span_id)
-        for span, seconds in ((traced, 0.0003), (continued, 0.02))
-    )
+    # Each data point keeps an exemplar per bucket (the reservoir picks which): every one kept
+    # must be the span of the call measured, never another call's.
+    spans_by_value = {seconds: (span.context.trace_id, span.context.span_id) for span, seconds in timed}
+    for point in points:
+        assert point.exemplars
+        for exemplar in point.exemplars:
+            assert (exemplar.trace_id, exemplar.span_id) == spans_by_value[exemplar.value]
 
 
 async def test_a_call_that_crashed_has_the_exception_on_its_span_and_an_answer_does_not() -> None:
@@ -170,7 +175,7 @@ async def test_a_call_that_crashed_has_the_exception_on_its_span_and_an_answer_d
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     tracing = TracingStep(provider)
     recorder = CallRecorder(metrics=None, spans=tracing, interval=60)
-    crashed, refused = traced_call("crashed"), traced_call("refused")
+    crashed, refused = ended_call("crashed"), ended_call("refused")
     tracing.exit(crashed, None, grpc.StatusCode.UNKNOWN, RuntimeError("the store went away"))  # type: ignore[arg-type]
     tracing.exit(refused, None, grpc.StatusCode.PERMISSION_DENIED, grpc.aio.AbortError())  # type: ignore[arg-type]
     recorder.ended(crashed, grpc.StatusCode.UNKNOWN, 0.001)
