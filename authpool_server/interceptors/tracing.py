@@ -102,7 +102,8 @@ class TracingStep:
         """
         span = self._tracer.start_span(
             call.method[1:],
-            context=call.parent,
+            # No caller's context: a root, whatever context the batch happens to run in.
+            context=call.parent if call.parent is not None else NO_SPAN,
             kind=SpanKind.SERVER,
             attributes=self._static(call.method),
             start_time=start_ns,

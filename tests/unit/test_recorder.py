@@ -189,3 +189,17 @@ async def test_a_call_that_crashed_has_the_exception_on_its_span_and_an_answer_d
     assert crashed_span.status.status_code is StatusCode.ERROR
     assert refused_span.events == ()  # an answer, not a crash
     assert refused_span.status.status_code is StatusCode.UNSET  # the caller's fault, not the server's
+
+
+async def test_a_call_without_a_callers_trace_is_a_root_wherever_its_batch_is_recorded() -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    recorder = CallRecorder(metrics=None, spans=TracingStep(provider), interval=60)
+    recorder.ended(ended_call("root"), grpc.StatusCode.OK, 0.001)
+    with provider.get_tracer("test").start_as_current_span("whoever flushes"):  # a scrape, say
+        recorder.flush()
+
+    spans = {span.name: span for span in exporter.get_finished_spans()}
+    assert spans["authpool.v1.AuthPool/Allocate"].parent is None
+    assert spans["authpool.v1.AuthPool/Allocate"].context.trace_id != spans["whoever flushes"].context.trace_id
