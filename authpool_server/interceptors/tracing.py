@@ -19,9 +19,9 @@ what ended the call; the span itself is made by `record`, which the call
 recorder runs in its batch, shortly after the call, with the call's own
 start and end times. Made while the call ran, the span (sampled or not:
 trace id, sampler, span objects, attaching it as the current context) cost
-the server more than twice as much CPU per call as the same work in a
-batch, where the code and data stay warm from one call to the next (see
-`telemetry.recorder`). The price: the server span is not the current span
+the server about 22 µs of CPU per Allocate more than it does in the batch,
+where the code and data stay warm from one call to the next (an A/B of the
+two, interleaved; see `telemetry.recorder`). The price: the server span is not the current span
 while its call runs, so a span started inside a call would not be its child.
 No code here starts one; whatever does must take its parent from the call
 record's `parent`, not from the current context.
