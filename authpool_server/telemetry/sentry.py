@@ -5,7 +5,8 @@
 events. Sentry's own tracing stays off (spans go to OpenTelemetry), so no
 transactions are made or sent. Nothing personal or secret is sent: no
 default PII, no local variables of stack frames (a frame may hold a token),
-and events pass through the same email masking as the logs.
+and events pass through the same email masking as the logs. This is written
+for sentry-sdk 3, whose defaults collect more than 2's did (`data_collection`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,20 @@ from authpool_server.logs import mask_emails
 __all__ = ["init_sentry"]
 
 log = logging.getLogger(__name__)
+
+
+# sentry-sdk 3 collects user details, headers, bodies and the local variables of stack
+# frames unless told not to. A frame may hold a token, and a request to the admin port
+# carries one in its headers: none of it is sent.
+_COLLECT_NOTHING_PERSONAL = {
+    "user_info": False,
+    "cookies": {"mode": "off"},
+    "http_headers": {"request": {"mode": "off"}},
+    "http_bodies": [],
+    "url_query_params": {"mode": "off"},
+    "stack_frame_variables": False,
+    "database_query_data": False,
+}
 
 
 def _scrub(value: Any) -> Any:
@@ -46,16 +61,19 @@ def init_sentry(env: Mapping[str, str]) -> bool:
     except ImportError:
         log.warning("SENTRY_DSN is set but sentry-sdk is not installed (pip install 'authpool[sentry]'); not reporting")
         return False
+    from sentry_sdk.integrations.logging import LoggingIntegration
+
     sentry_sdk.init(
         dsn=dsn,
         release=f"authpool@{__version__}",
         environment=env.get("SENTRY_ENVIRONMENT") or None,
-        # No default PII: that is the SDK's default. Passing `send_default_pii=False`
-        # explicitly is deprecated in recent 2.x releases (a DeprecationWarning).
-        include_local_variables=False,
+        # sentry-sdk 3 no longer reports logged errors by default: ERROR lines become
+        # events, INFO and above breadcrumbs, and none goes to Sentry's own log product.
+        integrations=[LoggingIntegration(level=None, event_level=logging.ERROR, breadcrumb_level=logging.INFO)],
+        data_collection=_COLLECT_NOTHING_PERSONAL,
         # Tracing goes to OpenTelemetry. No sample rate means no Sentry tracing at
         # all; a rate of 0 would still make (and drop, and report dropping) a
-        # transaction for every admin-port request.
+        # span for every admin-port request.
         traces_sample_rate=None,
         trace_propagation_targets=[],  # nor sentry-trace/baggage headers on outgoing requests
         before_send=_before_send,
