@@ -6,8 +6,13 @@ health SERVING, then run the scenarios, each from its own `bench.load`
 process(es): the noop baseline first, then `rounds` times allocate (against
 each server), lifecycle, noop. Interleaving the rounds lets every scenario
 see the same share of whatever else the (shared, noisy) machine is doing,
-and the baseline that the ratios divide by is pooled over all its runs. Each
-scenario's figures pool its runs; each run's throughput is recorded too.
+and the baseline that the ratios divide by is pooled over all its runs. The
+two scenarios of each ratio target (`allocate` and `allocate_bare` for
+`interceptor_overhead`, the watched twins for `watchers_ratio`) run back to
+back in each round, in alternating order, so that a ratio compares runs that
+saw the same machine; each round's ratio is reported too, and their spread
+says how far one run's figure can be trusted. Each scenario's figures pool
+its runs; each run's throughput is recorded too.
 The servers compared in a ratio serve the same calls: the lifecycle, which
 leaves usage records behind (an Allocate costs more as they pile up), runs
 on a server of its own, configured as deployed.
@@ -183,12 +188,14 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     else:
         rounds: list[str] = []
         for index in range(max(1, args.rounds)):
-            # The watched scenario and its twin back to back, first one then the other first.
-            twins = ["allocate_untraced", "allocate_watched"][:: 1 if index % 2 == 0 else -1]
+            # The two scenarios of each ratio target back to back, first one then the other first,
+            # so that the runs a ratio compares saw the same machine.
+            order = 1 if index % 2 == 0 else -1
+            chained = ["allocate", "allocate_bare"][::order]
+            twins = ["allocate_untraced", "allocate_watched"][::order]
             rounds += [
-                "allocate",
+                *chained,
                 *twins,
-                "allocate_bare",
                 "allocate_all_spans",
                 "allocate_pg",
                 "allocate_pg2",
@@ -497,6 +504,19 @@ def _ratio(numerator: float | None, denominator: float | None) -> float | None:
     return numerator / denominator
 
 
+def _per_round(numerator: dict[str, Any], denominator: dict[str, Any]) -> list[float | None]:
+    """The throughput ratio of two scenarios in each round: their runs paired in schedule order.
+
+    How far these spread says how much one run's ratio can be trusted; the
+    target is the ratio of the pooled runs. Empty when the two did not run
+    equally often (an explicit BENCH_SCENARIOS schedule).
+    """
+    ours, theirs = numerator["per_run"], denominator["per_run"]
+    if len(ours) != len(theirs):
+        return []
+    return [_ratio(one["rps"], other["rps"]) for one, other in zip(ours, theirs, strict=True)]
+
+
 def _flat(scenarios: dict[str, dict[str, Any]]) -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for name, figures in scenarios.items():
@@ -516,6 +536,10 @@ def _flat(scenarios: dict[str, dict[str, Any]]) -> dict[str, Any]:
         # The share of Allocate throughput the interceptor chain costs (0.15: 15 % fewer calls per second).
         kept = _ratio(scenarios["allocate"]["rps"], scenarios["allocate_bare"]["rps"])
         flat["interceptor_overhead"] = None if kept is None else 1.0 - kept
+        flat["interceptor_overhead_per_round"] = [
+            None if kept is None else 1.0 - kept
+            for kept in _per_round(scenarios["allocate"], scenarios["allocate_bare"])
+        ]
         bare_cpu = scenarios["allocate_bare"]["cpu"]["server_cpu_us_per_rpc"]
         # Server CPU per Allocate with the chain / without: steadier than throughput on a noisy machine.
         flat["interceptor_cpu_ratio"] = _ratio(scenarios["allocate"]["cpu"]["server_cpu_us_per_rpc"], bare_cpu)
@@ -541,6 +565,7 @@ def _flat(scenarios: dict[str, dict[str, Any]]) -> dict[str, Any]:
         # A ratio measured with a dead or lagging watcher is no measure of live watchers.
         flat[f"{key}_ratio"] = ratio if _watchers_live(watched["watchers"]) else None
         flat[f"{key}_ratio_unchecked"] = ratio
+        flat[f"{key}_ratio_per_round"] = _per_round(watched, untraced)
         # Server CPU per Allocate without watchers / with: steadier than throughput on a noisy machine.
         flat[f"{key}_cpu_ratio"] = _ratio(
             untraced["cpu"]["server_cpu_us_per_rpc"], watched["cpu"]["server_cpu_us_per_rpc"]
@@ -793,6 +818,9 @@ def _report(result: dict[str, Any]) -> str:
     for name, figures in scenarios.items():
         rates = ", ".join(f"{run['rps']:,.0f}" for run in figures["per_run"])
         lines.append(f"{name} rps per run, in order: {rates}")
+    for key in ("interceptor_overhead_per_round", "watchers_ratio_per_round", "watchers_all_ratio_per_round"):
+        if result.get(key):
+            lines.append(f"{key.removesuffix('_per_round')} in each round: {', '.join(_fmt(v) for v in result[key])}")
     if result.get("allocate_cpu_ratio") is not None:
         lines.append(
             f"allocate_cpu_ratio {_fmt(result['allocate_cpu_ratio'])}: server CPU per no-op / per Allocate, "
