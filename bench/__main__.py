@@ -9,9 +9,10 @@ see the same share of whatever else the (shared, noisy) machine is doing,
 and the baseline that the ratios divide by is pooled over all its runs. The
 two scenarios of each ratio target (`allocate` and `allocate_bare` for
 `interceptor_overhead`, the watched twins for `watchers_ratio`) run back to
-back in each round, in alternating order, so that a ratio compares runs that
-saw the same machine; each round's ratio is reported too, and their spread
-says how far one run's figure can be trusted. Each scenario's figures pool
+back in each round, twice each as a block A B B A (B A A B in the next), so
+that a ratio compares runs that saw the same machine and a drift in its
+speed weighs on both alike; each pair's ratio is reported too, and their
+spread says how far the pooled figure can be trusted. Each scenario's figures pool
 its runs; each run's throughput is recorded too.
 The servers compared in a ratio serve the same calls: the lifecycle, which
 leaves usage records behind (an Allocate costs more as they pile up), runs
@@ -22,7 +23,7 @@ on a server of its own, configured as deployed.
 connection and each following one subscription (five per subscription of
 the 20: every event about one reaches five streams), as operators' tools or
 sidecars would; `watchers_ratio` is its throughput over its twin's, the two
-run back to back in each round, in alternating order. The watchers count
+run as a block like the chain's pair (above). The watchers count
 what they receive and check it against the log afterwards (`watchers_*`
 figures): a ratio measured with a dead or lagging watcher is not reported.
 Their process runs at a lower CPU priority (`WATCHERS_NICE`): they stand for
@@ -188,14 +189,17 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     else:
         rounds: list[str] = []
         for index in range(max(1, args.rounds)):
-            # The two scenarios of each ratio target back to back, first one then the other first,
-            # so that the runs a ratio compares saw the same machine.
+            # The two scenarios of each ratio target as a block A B B A (B A A B in the next round),
+            # so that the runs a ratio compares saw the same machine and a drift in its speed
+            # during the block weighs on both alike.
             order = 1 if index % 2 == 0 else -1
             chained = ["allocate", "allocate_bare"][::order]
             twins = ["allocate_untraced", "allocate_watched"][::order]
             rounds += [
                 *chained,
+                *chained[::-1],
                 *twins,
+                *twins[::-1],
                 "allocate_all_spans",
                 "allocate_pg",
                 "allocate_pg2",
@@ -505,11 +509,12 @@ def _ratio(numerator: float | None, denominator: float | None) -> float | None:
 
 
 def _per_round(numerator: dict[str, Any], denominator: dict[str, Any]) -> list[float | None]:
-    """The throughput ratio of two scenarios in each round: their runs paired in schedule order.
+    """The throughput ratio of two scenarios for each pair of their runs, paired in schedule order.
 
-    How far these spread says how much one run's ratio can be trusted; the
-    target is the ratio of the pooled runs. Empty when the two did not run
-    equally often (an explicit BENCH_SCENARIOS schedule).
+    In the default schedule each pair ran back to back. How far these spread
+    says how much one pair's ratio can be trusted; the target is the ratio
+    of the pooled runs. Empty when the two did not run equally often (an
+    explicit BENCH_SCENARIOS schedule).
     """
     ours, theirs = numerator["per_run"], denominator["per_run"]
     if len(ours) != len(theirs):
@@ -820,7 +825,8 @@ def _report(result: dict[str, Any]) -> str:
         lines.append(f"{name} rps per run, in order: {rates}")
     for key in ("interceptor_overhead_per_round", "watchers_ratio_per_round", "watchers_all_ratio_per_round"):
         if result.get(key):
-            lines.append(f"{key.removesuffix('_per_round')} in each round: {', '.join(_fmt(v) for v in result[key])}")
+            figures = ", ".join(_fmt(value) for value in result[key])
+            lines.append(f"{key.removesuffix('_per_round')} of each pair of runs, in order: {figures}")
     if result.get("allocate_cpu_ratio") is not None:
         lines.append(
             f"allocate_cpu_ratio {_fmt(result['allocate_cpu_ratio'])}: server CPU per no-op / per Allocate, "
