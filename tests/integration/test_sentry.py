@@ -34,10 +34,15 @@ MASKED_EMAIL = "t***@company.com"
 # The secret lives only in the failing frame's local variable (read from the environment,
 # so it is not in the script's source either): nothing may carry it to Sentry.
 FAKE_TOKEN = "sk-ant-oat01-FAKE-token-3f9a7c1e5b2d40688c1e"
+# Webhook endpoints carry secrets in their paths (Slack's /services/T../B../<secret>).
+WEBHOOK_PATH_SECRET = "hookpath-FAKE-7d41c09a3be2"
+# A caller of the admin port whose trace is sampled: that must not make this process trace.
+SAMPLED_TRACE = "771f4b6e0b1e4a0c9a5d2c3e4f5a6b7c-8a3c60f7d188f8fa-1"
 
-# The child: the server's own set-up, a real server whose admin port is scraped
-# (the aiohttp integration sees those requests), then an unexpected error logged
-# the way the service logs one.
+# The child: the server's own set-up, a real server whose admin port is scraped by a caller
+# whose trace is sampled (the aiohttp integration sees those requests), a webhook delivered
+# (through httpx) to a URL whose path holds a secret, then an unexpected error logged the
+# way the service logs one.
 REPORTER = textwrap.dedent(
     """
     import asyncio
@@ -52,6 +57,8 @@ REPORTER = textwrap.dedent(
     from authpool_server.logs import configure_logging
     from authpool_server.server import Server
     from authpool_server.telemetry.sentry import init_sentry
+    from authpool_server.webhooks.sender import WebhookSender
+    from authpool_server.webhooks.signing import WebhookSecret
     from tests.conftest import NO_AUTH, make_spec
 
     configure_logging("info", "json")
@@ -69,10 +76,14 @@ REPORTER = textwrap.dedent(
         try:
             for _ in range(3):
                 url = f"http://127.0.0.1:{server.admin_port}/metrics"
-                with await asyncio.to_thread(urllib.request.urlopen, url, timeout=5) as reply:
+                request = urllib.request.Request(url, headers={"sentry-trace": os.environ["SAMPLED_TRACE"]})
+                with await asyncio.to_thread(urllib.request.urlopen, request, timeout=5) as reply:
                     assert reply.status == 200
         finally:
             await server.stop()
+        hook = f"{os.environ['INGEST']}/services/T0/B0/{os.environ['WEBHOOK_PATH_SECRET']}"
+        async with WebhookSender(hook, WebhookSecret(os.urandom(32)), allow_insecure_loopback=True) as sender:
+            assert (await sender.deliver("ntf-1-0", "{}")).delivered
 
 
     def refresh_credentials(subscription_email):
@@ -88,7 +99,8 @@ REPORTER = textwrap.dedent(
         log.exception(
             "refresh failed for %s",
             "team+sub1@company.com",
-            extra={"context": {"subscription": "team+sub1@company.com"}},
+            # A secret put into a log line's context by mistake: the logs would show it, Sentry must not.
+            extra={"context": {"subscription": "team+sub1@company.com", "refresh_token": os.environ["FAKE_TOKEN"]}},
         )
     sentry_sdk.flush(timeout=5)
     """
@@ -147,6 +159,10 @@ def ingest() -> Iterator[Ingest]:
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            if self.path.startswith("/services/"):  # the child's stand-in webhook, not Sentry
+                self.send_response(204)
+                self.end_headers()
+                return
             with received.lock:
                 received.envelopes.append((self.path, _decode(body, self.headers.get("Content-Encoding", ""))))
             self.send_response(200)
@@ -184,6 +200,9 @@ def reported(ingest: Ingest, tmp_path_factory: pytest.TempPathFactory) -> Report
     script.write_text(REPORTER)
     env = {name: value for name, value in os.environ.items() if not name.startswith(("SENTRY_", "OTEL_"))}
     env["FAKE_TOKEN"] = FAKE_TOKEN
+    env["WEBHOOK_PATH_SECRET"] = WEBHOOK_PATH_SECRET
+    env["SAMPLED_TRACE"] = SAMPLED_TRACE
+    env["INGEST"] = f"http://127.0.0.1:{ingest.port}"
     env["PYTHONPATH"] = str(ROOT)  # the child imports tests.conftest
     result = subprocess.run(
         # Warnings are errors, as under pytest: a deprecated option in init_sentry fails here.
@@ -210,7 +229,7 @@ def test_an_error_logged_reaches_sentry_with_emails_masked_and_no_secret(reporte
     assert event["release"] == "authpool@0.1.0"
     assert event["logentry"]["formatted"] == f"refresh failed for {MASKED_EMAIL}"
     assert event["logentry"]["params"] == [MASKED_EMAIL]
-    assert event["extra"]["context"] == {"subscription": MASKED_EMAIL}
+    assert event["extra"]["context"] == {"subscription": MASKED_EMAIL, "refresh_token": "[Filtered]"}
     [exception] = event["exception"]["values"]
     assert exception["type"] == "RuntimeError"
     assert exception["value"] == f"provider refused the credentials of {MASKED_EMAIL}"
@@ -221,17 +240,18 @@ def test_an_error_logged_reaches_sentry_with_emails_masked_and_no_secret(reporte
         assert SUBSCRIPTION_EMAIL not in body
         assert FAKE_TOKEN not in body
         assert FAKE_TOKEN[-12:] not in body  # nor any sizeable piece of it
+        assert WEBHOOK_PATH_SECRET not in body  # no breadcrumb of the outgoing request's URL
     # The child's own log line masked the email too: the logs and Sentry agree.
     assert SUBSCRIPTION_EMAIL not in reported.stderr
     assert MASKED_EMAIL in reported.stderr
 
 
 def test_sentry_gets_errors_not_traces(reported: Reported) -> None:
-    # Tracing goes to OpenTelemetry: admin-port requests make no Sentry transaction,
-    # not even one that is dropped and then reported as dropped.
+    # Tracing goes to OpenTelemetry: admin-port requests make no Sentry transaction or span,
+    # not even for a caller whose trace is sampled, nor one that is dropped and reported as dropped.
     kinds = [header["type"] for header, _ in reported.ingest.items()]
     assert kinds.count("event") == 1
-    assert "transaction" not in kinds
+    assert not {"transaction", "span"} & set(kinds), kinds
     for header, payload in reported.ingest.items():
         if header["type"] == "client_report":
             categories = {entry["category"] for entry in json.loads(payload).get("discarded_events", [])}
