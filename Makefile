@@ -6,12 +6,13 @@ STAMP := $(VENV)/.installed
 CONFIG ?= authpool_server/example-config.json
 LISTEN ?= 127.0.0.1:50051
 
-.PHONY: help venv run test test-unit test-integration bench loadtest simulate lint format proto proto-check clean interop-deps k8s
+.PHONY: help venv run test test-unit test-integration bench bench-ab loadtest simulate lint format proto proto-check clean interop-deps k8s
 
 help:
 	@echo "make run          serve the example config on $(LISTEN), auth off (local development only)"
 	@echo "make test         run the whole test suite"
 	@echo "make bench        run the benchmarks; figures go to var/bench/latest.json"
+	@echo "make bench-ab     A/B of server variants in many short rounds: AB='off:chain=off new:traced old:ref=HEAD~1,traced'"
 	@echo "make loadtest     the guide's load-test plan against a real server; report and plot in var/loadtest/"
 	@echo "make simulate     replay the shipped traces through the balancer; report and plots in var/sim/"
 	@echo "make lint         ruff check and format check, generated code freshness"
@@ -40,6 +41,12 @@ test-integration: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
+
+# An A/B of server variants (see bench/ab.py): the first is the yardstick.
+AB ?= off:chain=off before:ref=HEAD~1,traced after:traced
+AB_ROUNDS ?= 6
+bench-ab: $(STAMP)
+	$(BIN)/python -m bench.ab $(AB) --rounds $(AB_ROUNDS)
 
 loadtest: $(STAMP)
 	$(BIN)/python -m loadtest

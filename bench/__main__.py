@@ -257,7 +257,9 @@ def _server(
     env: dict[str, str],
     name: str = "",
     extra: Sequence[str] = (),
+    code: Path = ROOT,
 ) -> Iterator[ServerProcess]:
+    """A `bench.server` with `chain`, run from the tree at `code` (another commit's worktree, for an A/B)."""
     name = name or chain
     data_dir = work_dir / f"data-{name}"
     stderr_path = work_dir / f"server-{name}.stderr"
@@ -265,7 +267,7 @@ def _server(
     with stderr_path.open("w") as stderr:
         process = subprocess.Popen(
             [*command, "--chain", chain, *extra],
-            cwd=ROOT,
+            cwd=code,
             stdout=subprocess.PIPE,
             stderr=stderr,
             text=True,
