@@ -4,30 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from bench.ab import parse_variant
+from bench.ab import Variant, parse_variant
 
 
 def test_a_bare_name_is_the_chain_without_spans() -> None:
-    variant = parse_variant("full")
-    assert (variant.name, variant.chain, variant.traced, variant.ref, variant.watched) == (
-        "full",
-        "full",
-        False,
-        "",
-        False,
-    )
+    assert parse_variant("full") == Variant("full")
 
 
 def test_settings_combine() -> None:
-    variant = parse_variant("before:ref=HEAD~1,traced,watched")
-    assert (variant.name, variant.chain, variant.traced, variant.ref, variant.watched) == (
-        "before",
-        "full",
-        True,
-        "HEAD~1",
-        True,
-    )
-    assert parse_variant("bare:chain=off").chain == "off"
+    wanted = Variant("before", traced=True, ref="HEAD~1", watched=True)
+    assert parse_variant("before:ref=HEAD~1,traced,watched") == wanted
+    assert parse_variant("bare:chain=off") == Variant("bare", chain="off")
 
 
 @pytest.mark.parametrize(
