@@ -12,8 +12,8 @@ two scenarios of each ratio target (`allocate` and `allocate_bare` for
 back in each round, twice each as a block A B B A (B A A B in the next), so
 that a ratio compares runs that saw the same machine and a drift in its
 speed weighs on both alike; each pair's ratio is reported too, and their
-spread says how far the pooled figure can be trusted. Each scenario's figures pool
-its runs; each run's throughput is recorded too.
+spread says how far the pooled figure can be trusted. Each scenario's
+figures pool its runs; each run's throughput is recorded too.
 The servers compared in a ratio serve the same calls: the lifecycle, which
 leaves usage records behind (an Allocate costs more as they pile up), runs
 on a server of its own, configured as deployed.
@@ -510,7 +510,7 @@ def _ratio(numerator: float | None, denominator: float | None) -> float | None:
     return numerator / denominator
 
 
-def _per_round(numerator: dict[str, Any], denominator: dict[str, Any]) -> list[float | None]:
+def _per_pair(numerator: dict[str, Any], denominator: dict[str, Any]) -> list[float | None]:
     """The throughput ratio of two scenarios for each pair of their runs, paired in schedule order.
 
     In the default schedule each pair ran back to back. How far these spread
@@ -543,9 +543,9 @@ def _flat(scenarios: dict[str, dict[str, Any]]) -> dict[str, Any]:
         # The share of Allocate throughput the interceptor chain costs (0.15: 15 % fewer calls per second).
         kept = _ratio(scenarios["allocate"]["rps"], scenarios["allocate_bare"]["rps"])
         flat["interceptor_overhead"] = None if kept is None else 1.0 - kept
-        flat["interceptor_overhead_per_round"] = [
-            None if kept is None else 1.0 - kept
-            for kept in _per_round(scenarios["allocate"], scenarios["allocate_bare"])
+        flat["interceptor_overhead_per_pair"] = [
+            None if pair is None else 1.0 - pair
+            for pair in _per_pair(scenarios["allocate"], scenarios["allocate_bare"])
         ]
         bare_cpu = scenarios["allocate_bare"]["cpu"]["server_cpu_us_per_rpc"]
         # Server CPU per Allocate with the chain / without: steadier than throughput on a noisy machine.
@@ -572,7 +572,7 @@ def _flat(scenarios: dict[str, dict[str, Any]]) -> dict[str, Any]:
         # A ratio measured with a dead or lagging watcher is no measure of live watchers.
         flat[f"{key}_ratio"] = ratio if _watchers_live(watched["watchers"]) else None
         flat[f"{key}_ratio_unchecked"] = ratio
-        flat[f"{key}_ratio_per_round"] = _per_round(watched, untraced)
+        flat[f"{key}_ratio_per_pair"] = _per_pair(watched, untraced)
         # Server CPU per Allocate without watchers / with: steadier than throughput on a noisy machine.
         flat[f"{key}_cpu_ratio"] = _ratio(
             untraced["cpu"]["server_cpu_us_per_rpc"], watched["cpu"]["server_cpu_us_per_rpc"]
@@ -825,10 +825,10 @@ def _report(result: dict[str, Any]) -> str:
     for name, figures in scenarios.items():
         rates = ", ".join(f"{run['rps']:,.0f}" for run in figures["per_run"])
         lines.append(f"{name} rps per run, in order: {rates}")
-    for key in ("interceptor_overhead_per_round", "watchers_ratio_per_round", "watchers_all_ratio_per_round"):
+    for key in ("interceptor_overhead_per_pair", "watchers_ratio_per_pair", "watchers_all_ratio_per_pair"):
         if result.get(key):
             figures = ", ".join(_fmt(value) for value in result[key])
-            lines.append(f"{key.removesuffix('_per_round')} of each pair of runs, in order: {figures}")
+            lines.append(f"{key.removesuffix('_per_pair')} of each pair of runs, in order: {figures}")
     if result.get("allocate_cpu_ratio") is not None:
         lines.append(
             f"allocate_cpu_ratio {_fmt(result['allocate_cpu_ratio'])}: server CPU per no-op / per Allocate, "

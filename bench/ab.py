@@ -132,10 +132,11 @@ def _worktree(ref: str, work_dir: Path) -> Iterator[Path]:
         subprocess.run(["git", "worktree", "remove", "--force", str(path)], cwd=ROOT, check=False)
 
 
-def _cpu(result: dict[str, Any]) -> float | None:
+def _figures(result: dict[str, Any], duration: float) -> tuple[float, float | None]:
+    """A `bench.load` run's Allocates per second and server CPU µs per Allocate (None: not measured)."""
     calls = len(result["latencies_us"].get("allocate", ()))
     seconds = result["cpu"]["server_cpu_seconds"]
-    return None if seconds is None or not calls else seconds / calls * 1e6
+    return calls / duration, None if seconds is None or not calls else seconds / calls * 1e6
 
 
 def run(args: argparse.Namespace) -> list[Variant]:
@@ -170,8 +171,7 @@ def run(args: argparse.Namespace) -> list[Variant]:
                     if watched is not None and not _watchers_live(_watcher_figures([watched])):
                         raise RuntimeError(f"{variant.name}: the watchers did not all keep up: {watched['errors'][:3]}")
                     index += 1
-                    calls = len(result["latencies_us"].get("allocate", ()))
-                    variant.runs.append((calls / args.duration, _cpu(result)))
+                    variant.runs.append(_figures(result, args.duration))
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
     return args.variants
