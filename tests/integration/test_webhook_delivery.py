@@ -112,6 +112,15 @@ async def settled(stub: Stub, done: Callable[[pb.WebhookState], bool]) -> pb.Web
     return state
 
 
+async def first_event(stub: Stub, event_type: int) -> pb.Event:
+    """The first event of a type, waiting for it to be published if need be."""
+    async with asyncio.timeout(10):
+        async for message in stub.WatchEvents(pb.WatchEventsRequest()):
+            if message.event.type == event_type:
+                return message.event
+    raise AssertionError("the stream ended early")
+
+
 async def test_a_notification_is_delivered_signed(served: Stub, receiver: Receiver) -> None:
     lease = await cross_the_threshold(served)
     await eventually(lambda: receiver.seen)
@@ -153,6 +162,9 @@ async def test_the_last_failure_dead_letters_it_visibly(
     assert len(receiver.seen) == QUICK.max_attempts  # no attempt after the last
     [dead] = state.recent_dead_letters
     assert (dead.rule, dead.attempts, dead.last_error) == ("usage_threshold", QUICK.max_attempts, "HTTP 500")
+    # The outbox counts the dead letter as the decision is taken; its event is
+    # published once that batch commits, a moment later.
+    await first_event(served, pb.EVENT_TYPE_WEBHOOK_FAILURE)
     [failure] = await events(served, pb.EVENT_TYPE_WEBHOOK_FAILURE)
     assert failure.attributes["notification_id"] == dead.notification_id
     assert failure.attributes["last_error"] == "HTTP 500"
