@@ -29,7 +29,6 @@ import logging
 import math
 import time
 import uuid
-from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Protocol, TypeVar
@@ -69,6 +68,7 @@ from authpool_server.outbox import Attempt, Outbox, OutboxStatus
 from authpool_server.store.base import PruneHorizon, Snapshot, Store, WriteBatch
 from authpool_server.store.replication import CatchUp, Change, SharedStore
 from authpool_server.store.usage import UsagePlan
+from authpool_server.usage_log import FetchedSpend, UsageLog
 
 __all__ = [
     "Allocation",
@@ -84,26 +84,13 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _PRUNE_EVERY_SECONDS = 600.0
-# The usage log is in time order, but for a clock step back or a record another replica wrote a
-# moment earlier and this one learned of later: reading it back from the newest end, `_usage_since`
-# goes this far past the start before it stops.
-_USAGE_ORDER_SLACK_SECONDS = 600.0
 # Memory keeps each usage record this much longer than the forecast horizon (or error window) needs it,
-# and lets the old ones go in steps this long, so a reload's recount (see `reconfigure`) rarely races one.
+# and lets the old ones go in steps (`UsageLog.evict`), so a reload's recount (see `reconfigure`) rarely races one.
 _RECENT_MARGIN_SECONDS = 3600.0
-_EVICT_EVERY_SECONDS = 600.0
 
 
 class _Recount(Exception):
     """A reconfiguration needs spend from before what memory holds that it did not fetch: fetch again."""
-
-
-@dataclass(frozen=True, slots=True)
-class _EarlySpend:
-    """Spend fetched from the store for a reconfiguration: per (subscription, window start), up to `before`."""
-
-    before: float
-    spend: dict[tuple[str, float], int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,17 +255,9 @@ class Pool:
         # as they change so a decision never rebuilds them (Allocate is the hot path).
         self._ledgers: dict[str, SubscriptionLedger] = {}
         self._statuses: dict[str, SubscriptionStatus] = {}
-        # The recent usage records, in time order: from `_kept_since` on. Older ones are in the store
-        # alone, summarised into the ledgers at start, and found by request id there (`report_usage`).
-        self._usage_log: deque[UsageRecord] = deque()
-        self._kept_since = -math.inf
-        # Request id -> subscription charged: of the records in the log, and, on a store that gave them
-        # (`_early_ids` not None: where asking the store costs a round trip), of every retained record.
-        self._request_ids: dict[str, str] = {}
-        self._early_ids: deque[tuple[float, str]] | None = None  # (time, request id) older than the log
-        # (time, cost) of the fallback records older than the log, until pruned: they count in `_fallback_usage`.
-        self._early_fallback: deque[tuple[float, int]] = deque()
-        self._fallback_usage = 0
+        # The recent usage records and the request ids charged. Older records are in the store alone,
+        # summarised into the ledgers at start, and found by request id there (`report_usage`).
+        self._usage = UsageLog()
         self._sequence = 0
         self._token = 0
         # Writes not yet durable, by lease id or "usage:<request id>": the
@@ -408,15 +387,7 @@ class Pool:
         for sid, spend in early.subscriptions.items():
             if sid in self._ledgers:
                 self._ledgers[sid].absorb(spend)
-        self._usage_log = deque()
-        self._kept_since = early.plan.recent_since
-        self._request_ids = {}
-        self._early_ids = None
-        if early.request_ids is not None:
-            self._early_ids = deque((at, request_id) for at, request_id, _ in early.request_ids)
-            self._request_ids = {request_id: sid for _, request_id, sid in early.request_ids}
-        self._early_fallback = deque(early.fallback)
-        self._fallback_usage = sum(cost for _, cost in early.fallback)
+        self._usage = UsageLog(early)
         for record in sorted(snapshot.usage, key=lambda record: record.at):
             # Spend after the as-of time belongs to windows the next decision rolls into.
             self._count_usage(record, in_ledger=record.at <= now)
@@ -463,62 +434,17 @@ class Pool:
             self.events.publish(page)
         self.events.last_sequence = last
 
-    def _roll_window(self, ledger: SubscriptionLedger, now: float, early: _EarlySpend | None = None) -> None:
+    def _roll_window(self, ledger: SubscriptionLedger, now: float, fetched: FetchedSpend | None = None) -> None:
         window = balancer.window_bounds(now, ledger.reset)
-        ledger.roll(window, self._usage_since(ledger.spec.id, window[0], early))
-
-    def _usage_since(self, subscription_id: str, start: float, early: _EarlySpend | None = None) -> int:
-        """A subscription's spend from `start` on, from the usage log (and `early`, for before it).
-
-        Read from the newest record back: when a week's windows roll (every
-        subscription's at once, Monday 00:00 UTC by default) each reads only
-        the few records since, not the whole retention (a thousand
-        subscriptions times a million records would stall every call for a
-        minute).
-
-        A window rolls only once a decision finds it ended, and memory lets
-        records go only in decisions, after the rolls: a window a roll enters
-        began after the last decision, so its records are all in the log. Only
-        a reload that moves a window's start (`reconfigure`) reaches further
-        back, with what it fetched from the store as `early`.
-        """
-        total = 0
-        if start < self._kept_since and early is not None:
-            # `_reconfigure` checked before it changed anything: this is a bug, not a race.
-            if (subscription_id, start) not in early.spend or early.before < self._kept_since:
-                raise RuntimeError(f"the spend of {subscription_id} since {start} is older than memory holds")
-            total = early.spend[subscription_id, start]
-            start = early.before
-        elif start < self._kept_since:
-            log.error("the spend of %s since %s is older than memory: counting what it holds", subscription_id, start)
-        stop = start - _USAGE_ORDER_SLACK_SECONDS
-        for record in reversed(self._usage_log):
-            if record.at < start:
-                if record.at < stop:
-                    break
-                continue
-            if record.subscription_id == subscription_id and not record.fallback:
-                total += record.cost_micros
-        return total
+        ledger.roll(window, self._usage.spend_since(ledger.spec.id, window[0], fetched))
 
     def _evict(self, now: float) -> None:
-        """Let go of the usage records the ledgers no longer read (they stay in the store), in steps.
+        """Let go of the usage records the ledgers no longer read (they stay in the store).
 
         With a margin: a report another replica made a moment ago, in its own time, must find its window's
         spend here when it is caught up.
         """
-        keep_since = now - self._recent_seconds - _RECENT_MARGIN_SECONDS
-        if keep_since - self._kept_since < _EVICT_EVERY_SECONDS:
-            return  # the common case: this runs before every decision
-        self._kept_since = keep_since
-        while self._usage_log and self._usage_log[0].at < keep_since:
-            record = self._usage_log.popleft()
-            if self._early_ids is not None:
-                self._early_ids.append((record.at, record.request_id))
-            else:
-                self._request_ids.pop(record.request_id, None)
-            if record.fallback:
-                self._early_fallback.append((record.at, record.cost_micros))
+        self._usage.evict(now - self._recent_seconds - _RECENT_MARGIN_SECONDS)
 
     # -- helpers -------------------------------------------------------------
 
@@ -611,7 +537,7 @@ class Pool:
             for index, (_, end) in enumerate(ledger.extra_windows) if ledger.extra_windows else ():
                 if now >= end:
                     window = balancer.extra_window_bounds(now, ledger.spec.extra_windows[index])
-                    ledger.roll_extra(index, window, self._usage_since(subscription_id, window[0]))
+                    ledger.roll_extra(index, window, self._usage.spend_since(subscription_id, window[0]))
                     rolled = True
             if rolled:
                 self._note_status(subscription_id, batch, now)
@@ -793,7 +719,7 @@ class Pool:
                     self._add_clients(old.subscription_id, -1)
             self._ended[ended.lease.lease_id] = ended
         for record in change.usage:
-            if record.request_id not in self._request_ids:
+            if self._usage.charged(record.request_id) is None:
                 self._count_usage(record)
         for flags in change.flags:
             self._flags[flags.subscription_id] = flags
@@ -958,10 +884,10 @@ class Pool:
     async def report_usage(self, report: UsageReport) -> UsageAck:
         """Record one provider request's cost, once per request id."""
         self._check_ready()
-        charged = self._request_ids.get(report.request_id)
+        charged = self._usage.charged(report.request_id)
         if charged is None:
-            if self._early_ids is None:
-                # Memory holds the recent records only (`_kept_since`); an older one is in the store alone.
+            if not self._usage.holds_every_request_id:
+                # Memory holds the recent records only (`UsageLog.kept_since`); an older one is in the store alone.
                 # Anything this misses was written since it looked, and is in memory by the decision.
                 charged = await self._store.charged(report.request_id)
                 if charged is not None:
@@ -974,7 +900,7 @@ class Pool:
         return await self._apply(lambda now, batch: self._report_usage(report, now, batch))
 
     def _report_usage(self, report: UsageReport, now: float, batch: WriteBatch) -> UsageAck:
-        charged = self._request_ids.get(report.request_id)
+        charged = self._usage.charged(report.request_id)
         if charged is not None:
             return UsageAck(duplicate=True, subscription_id=charged)
         lease = self._live_lease(report.lease_id, now, batch)
@@ -1033,11 +959,10 @@ class Pool:
 
     def _count_usage(self, record: UsageRecord, *, in_ledger: bool = True) -> None:
         """Take a usage record into memory: the log, the request ids, and its subscription's ledger."""
-        self._request_ids[record.request_id] = record.subscription_id
-        self._usage_log.append(record)
+        self._usage.add(record)
         if record.fallback:
-            self._fallback_usage += record.cost_micros
-        elif in_ledger and record.subscription_id in self._ledgers:
+            return
+        if in_ledger and record.subscription_id in self._ledgers:
             if record.provider_reset_at:
                 self._next_roll = -math.inf  # the provider's reset time may end the window sooner
             self._ledgers[record.subscription_id].record(
@@ -1115,7 +1040,7 @@ class Pool:
                 start, end = balancer.window_bounds(now, self._ledgers[load.spec.id].reset)
                 load = replace(
                     load,
-                    window_usage_micros=self._usage_since(load.spec.id, start),
+                    window_usage_micros=self._usage.spend_since(load.spec.id, start),
                     window_start=start,
                     window_end=end,
                 )
@@ -1138,7 +1063,7 @@ class Pool:
         return PoolStatus(
             subscriptions=views,
             fallback_clients=sum(1 for lease in leases if lease.fallback),
-            fallback_usage_micros=self._fallback_usage,
+            fallback_usage_micros=self._usage.fallback_spend,
             last_sequence=self.events.last_sequence,
             leases=leases if include_clients else (),
             as_of=now,
@@ -1169,10 +1094,10 @@ class Pool:
         running, rules = self.spec, self._rules
         try:
             while True:
-                early = await self._fetch_early_spend(spec)
+                fetched = await self._fetch_older_spend(spec)
                 try:
                     return await self._apply(
-                        lambda now, batch, early=early: self._reconfigure(spec, early, now, batch)  # type: ignore[misc]
+                        lambda now, batch, fetched=fetched: self._reconfigure(spec, fetched, now, batch)  # type: ignore[misc]
                     )
                 except _Recount:
                     continue  # a window moved on, or memory let records go, since the fetch: rarely twice
@@ -1181,9 +1106,9 @@ class Pool:
             self.spec, self._rules = running, rules
             raise
 
-    async def _fetch_early_spend(self, spec: PoolSpec) -> _EarlySpend:
+    async def _fetch_older_spend(self, spec: PoolSpec) -> FetchedSpend:
         """The spend from before what memory holds that reconfiguring to `spec` would recount, from the store."""
-        before = self._kept_since
+        before = self._usage.kept_since
         starts = self._recount_starts(spec, self._clock())
         fetched = await self._store.spend_before(before, starts) if starts else {}
         spend = {
@@ -1191,7 +1116,7 @@ class Pool:
             for sid, totals in fetched.items()
             for start, total in zip(starts[sid], totals, strict=True)
         }
-        return _EarlySpend(before, spend)
+        return FetchedSpend(before, spend)
 
     def _recount_starts(self, spec: PoolSpec, now: float) -> dict[str, tuple[float, ...]]:
         """The window starts, older than memory, from which reconfiguring to `spec` at `now` recounts spend.
@@ -1211,16 +1136,16 @@ class Pool:
                     starts.append(balancer.window_bounds(now, reset)[0])
                 moved = _moved_extra_windows(ledger.spec, sub)
             starts.extend(balancer.extra_window_bounds(now, sub.extra_windows[index])[0] for index in moved)
-            old = tuple(start for start in starts if start < self._kept_since)
+            old = tuple(start for start in starts if start < self._usage.kept_since)
             if old:
                 needed[sub.id] = old
         return needed
 
-    def _reconfigure(self, spec: PoolSpec, early: _EarlySpend, now: float, batch: WriteBatch) -> Reconfiguration:
+    def _reconfigure(self, spec: PoolSpec, fetched: FetchedSpend, now: float, batch: WriteBatch) -> Reconfiguration:
         needed = self._recount_starts(spec, now)
-        if needed and early.before < self._kept_since:
+        if needed and fetched.before < self._usage.kept_since:
             raise _Recount  # before anything changed
-        if any((sid, start) not in early.spend for sid, starts in needed.items() for start in starts):
+        if any((sid, start) not in fetched.spend for sid, starts in needed.items() for start in starts):
             raise _Recount
         spec = replace(spec, webhooks_enabled=self.spec.webhooks_enabled)
         self._next_roll = -math.inf  # subscriptions may join, and schedules change
@@ -1233,7 +1158,7 @@ class Pool:
         for sub in spec.subscriptions:
             ledger = self._ledgers.get(sub.id)
             if ledger is None:
-                self._ledgers[sub.id] = ledger = self._new_ledger(sub, now, early)
+                self._ledgers[sub.id] = ledger = self._new_ledger(sub, now, fetched)
                 added.append(sub.id)
             else:
                 if sub.id in self._retired:
@@ -1241,7 +1166,7 @@ class Pool:
                     added.append(sub.id)
                 elif sub != before.get(sub.id):
                     changed.append(sub.id)
-                self._reschedule(ledger, sub, spec, now, early)
+                self._reschedule(ledger, sub, spec, now, fetched)
             self._note_status(sub.id, batch, now)
         removed = [sid for sid in self._ledgers if sid not in after and sid not in self._retired]
         for sid in removed:
@@ -1267,7 +1192,7 @@ class Pool:
         return Reconfiguration(tuple(added), tuple(removed), tuple(changed), pool_changed, moved)
 
     def _reschedule(
-        self, ledger: SubscriptionLedger, sub: SubscriptionSpec, spec: PoolSpec, now: float, early: _EarlySpend
+        self, ledger: SubscriptionLedger, sub: SubscriptionSpec, spec: PoolSpec, now: float, fetched: FetchedSpend
     ) -> None:
         """Give `ledger` the reloaded `sub`, re-reckoning only the windows whose schedule changed.
 
@@ -1280,20 +1205,20 @@ class Pool:
         moved = _moved_extra_windows(old, sub)
         ledger.respec(sub, spec)
         if reset_changed:
-            self._roll_window(ledger, now, early)
+            self._roll_window(ledger, now, fetched)
         for index in moved:
             window = balancer.extra_window_bounds(now, sub.extra_windows[index])
-            ledger.roll_extra(index, window, self._usage_since(sub.id, window[0], early))
+            ledger.roll_extra(index, window, self._usage.spend_since(sub.id, window[0], fetched))
 
-    def _new_ledger(self, sub: SubscriptionSpec, now: float, early: _EarlySpend) -> SubscriptionLedger:
+    def _new_ledger(self, sub: SubscriptionSpec, now: float, fetched: FetchedSpend) -> SubscriptionLedger:
         """A ledger for a subscription that joins the pool: its spend and clients from what memory holds."""
         ledger = SubscriptionLedger(sub, self.spec, balancer.window_bounds(now, sub.reset))
         if sub.id in self._flags:
             ledger.set_flags(self._flags[sub.id])  # drained before it left the config: still drained
-        self._roll_window(ledger, now, early)
+        self._roll_window(ledger, now, fetched)
         for index, window in enumerate(sub.extra_windows):
             bounds = balancer.extra_window_bounds(now, window)
-            ledger.roll_extra(index, bounds, self._usage_since(sub.id, bounds[0], early))
+            ledger.roll_extra(index, bounds, self._usage.spend_since(sub.id, bounds[0], fetched))
         ledger.add_clients(sum(1 for lease in self._leases.values() if lease.subscription_id == sub.id))
         return ledger
 
@@ -1376,16 +1301,7 @@ class Pool:
 
     def _forget(self, horizon: PruneHorizon) -> None:
         """Drop from memory what `horizon` prunes (other replicas do it when they apply the write)."""
-        while self._early_fallback and self._early_fallback[0][0] < horizon.usage_before:
-            self._fallback_usage -= self._early_fallback.popleft()[1]
-        while self._early_ids and self._early_ids[0][0] < horizon.usage_before:
-            self._request_ids.pop(self._early_ids.popleft()[1], None)
-        # A retention shorter than the forecast horizon prunes records memory still holds.
-        while self._usage_log and self._usage_log[0].at < horizon.usage_before:
-            record = self._usage_log.popleft()
-            self._request_ids.pop(record.request_id, None)
-            if record.fallback:
-                self._fallback_usage -= record.cost_micros
+        self._usage.forget(horizon.usage_before)
         for lease_id in [lid for lid, ended in self._ended.items() if ended.ended_at < horizon.ended_leases_before]:
             del self._ended[lease_id]
         self.outbox.prune(horizon.events_before)
@@ -1442,10 +1358,7 @@ class Pool:
         return {
             "live_leases": len(self._leases),
             "ended_leases": len(self._ended),
-            "usage_records": len(self._usage_log),
-            "usage_request_ids": len(self._request_ids),
-            "early_fallback_records": len(self._early_fallback),
-            "early_request_ids": len(self._early_ids or ()),
+            **self._usage.sizes(),
             "unsettled_writes": len(self._unsettled),
             "commit_queue_depth": (self._locked or self._committer).queue_depth,
             "watcher_backlogs": self.events.watcher_backlogs(),

@@ -181,24 +181,3 @@ def test_the_inlined_placement_loop_chooses_as_before(loads: list[SubscriptionLo
         decision = balancer.decide_allocation(loads, pool, None, wanted, _NOW)
         assert isinstance(decision, Placement)
         assert decision.subscription_id == chosen.spec.id
-
-
-async def test_usage_since_reads_back_from_the_newest_record_tolerating_a_clock_step(clock: FakeClock) -> None:
-    pool = Pool(make_spec(1, budget_units=10_000, max_clients=10), MemoryStore(), clock=clock)
-    await pool.start(background=False)
-    try:
-        lease = (await pool.allocate("c")).lease
-        start = clock.now
-        await pool.report_usage(_report(lease, 1))  # at start
-        clock.advance(100.0)
-        await pool.report_usage(_report(lease, 2))  # at start + 100
-        clock.advance(-30.0)  # the wall clock stepped back: the log is no longer in time order
-        await pool.report_usage(_report(lease, 3))  # at start + 70, after the one at start + 100
-        sub = lease.subscription_id
-        assert pool._usage_since(sub, start + 80) == U // 100
-        assert pool._usage_since(sub, start + 50) == 2 * U // 100
-        assert pool._usage_since(sub, start) == 3 * U // 100
-        assert pool._usage_since(sub, start - DAY) == 3 * U // 100
-        assert pool._usage_since(sub, start + 200) == 0
-    finally:
-        await pool.close()
