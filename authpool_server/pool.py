@@ -255,9 +255,10 @@ class Pool:
         # as they change so a decision never rebuilds them (Allocate is the hot path).
         self._ledgers: dict[str, SubscriptionLedger] = {}
         self._statuses: dict[str, SubscriptionStatus] = {}
-        # The recent usage records and the request ids charged. Older records are in the store alone,
-        # summarised into the ledgers at start, and found by request id there (`report_usage`).
-        self._usage = UsageLog()
+        # The recent usage records and the request ids charged (on PostgreSQL, those of every retained
+        # record: see `usage_log`). Older records are in the store alone, summarised into the ledgers at
+        # start, and found by request id there (`report_usage`).
+        self._usage_log = UsageLog()
         self._sequence = 0
         self._token = 0
         # Writes not yet durable, by lease id or "usage:<request id>": the
@@ -387,7 +388,7 @@ class Pool:
         for sid, spend in early.subscriptions.items():
             if sid in self._ledgers:
                 self._ledgers[sid].absorb(spend)
-        self._usage = UsageLog(early)
+        self._usage_log = UsageLog(early)
         for record in sorted(snapshot.usage, key=lambda record: record.at):
             # Spend after the as-of time belongs to windows the next decision rolls into.
             self._count_usage(record, in_ledger=record.at <= now)
@@ -436,7 +437,7 @@ class Pool:
 
     def _roll_window(self, ledger: SubscriptionLedger, now: float, fetched: FetchedSpend | None = None) -> None:
         window = balancer.window_bounds(now, ledger.reset)
-        ledger.roll(window, self._usage.spend_since(ledger.spec.id, window[0], fetched))
+        ledger.roll(window, self._usage_log.spend_since(ledger.spec.id, window[0], fetched))
 
     def _evict(self, now: float) -> None:
         """Let go of the usage records the ledgers no longer read (they stay in the store).
@@ -444,7 +445,7 @@ class Pool:
         With a margin: a report another replica made a moment ago, in its own time, must find its window's
         spend here when it is caught up.
         """
-        self._usage.evict(now - self._recent_seconds - _RECENT_MARGIN_SECONDS)
+        self._usage_log.evict(now - self._recent_seconds - _RECENT_MARGIN_SECONDS)
 
     # -- helpers -------------------------------------------------------------
 
@@ -537,7 +538,7 @@ class Pool:
             for index, (_, end) in enumerate(ledger.extra_windows) if ledger.extra_windows else ():
                 if now >= end:
                     window = balancer.extra_window_bounds(now, ledger.spec.extra_windows[index])
-                    ledger.roll_extra(index, window, self._usage.spend_since(subscription_id, window[0]))
+                    ledger.roll_extra(index, window, self._usage_log.spend_since(subscription_id, window[0]))
                     rolled = True
             if rolled:
                 self._note_status(subscription_id, batch, now)
@@ -719,7 +720,7 @@ class Pool:
                     self._add_clients(old.subscription_id, -1)
             self._ended[ended.lease.lease_id] = ended
         for record in change.usage:
-            if self._usage.charged(record.request_id) is None:
+            if self._usage_log.charged(record.request_id) is None:
                 self._count_usage(record)
         for flags in change.flags:
             self._flags[flags.subscription_id] = flags
@@ -884,9 +885,9 @@ class Pool:
     async def report_usage(self, report: UsageReport) -> UsageAck:
         """Record one provider request's cost, once per request id."""
         self._check_ready()
-        charged = self._usage.charged(report.request_id)
+        charged = self._usage_log.charged(report.request_id)
         if charged is None:
-            if not self._usage.holds_every_request_id:
+            if not self._usage_log.holds_every_request_id:
                 # Memory holds the recent records only (`UsageLog.kept_since`); an older one is in the store alone.
                 # Anything this misses was written since it looked, and is in memory by the decision.
                 charged = await self._store.charged(report.request_id)
@@ -900,7 +901,7 @@ class Pool:
         return await self._apply(lambda now, batch: self._report_usage(report, now, batch))
 
     def _report_usage(self, report: UsageReport, now: float, batch: WriteBatch) -> UsageAck:
-        charged = self._usage.charged(report.request_id)
+        charged = self._usage_log.charged(report.request_id)
         if charged is not None:
             return UsageAck(duplicate=True, subscription_id=charged)
         lease = self._live_lease(report.lease_id, now, batch)
@@ -959,7 +960,7 @@ class Pool:
 
     def _count_usage(self, record: UsageRecord, *, in_ledger: bool = True) -> None:
         """Take a usage record into memory: the log, the request ids, and its subscription's ledger."""
-        self._usage.add(record)
+        self._usage_log.add(record)
         if record.fallback:
             return
         if in_ledger and record.subscription_id in self._ledgers:
@@ -1040,7 +1041,7 @@ class Pool:
                 start, end = balancer.window_bounds(now, self._ledgers[load.spec.id].reset)
                 load = replace(
                     load,
-                    window_usage_micros=self._usage.spend_since(load.spec.id, start),
+                    window_usage_micros=self._usage_log.spend_since(load.spec.id, start),
                     window_start=start,
                     window_end=end,
                 )
@@ -1063,7 +1064,7 @@ class Pool:
         return PoolStatus(
             subscriptions=views,
             fallback_clients=sum(1 for lease in leases if lease.fallback),
-            fallback_usage_micros=self._usage.fallback_spend,
+            fallback_usage_micros=self._usage_log.fallback_spend,
             last_sequence=self.events.last_sequence,
             leases=leases if include_clients else (),
             as_of=now,
@@ -1108,7 +1109,7 @@ class Pool:
 
     async def _fetch_older_spend(self, spec: PoolSpec) -> FetchedSpend:
         """The spend from before what memory holds that reconfiguring to `spec` would recount, from the store."""
-        before = self._usage.kept_since
+        before = self._usage_log.kept_since
         starts = self._recount_starts(spec, self._clock())
         fetched = await self._store.spend_before(before, starts) if starts else {}
         spend = {
@@ -1136,14 +1137,14 @@ class Pool:
                     starts.append(balancer.window_bounds(now, reset)[0])
                 moved = _moved_extra_windows(ledger.spec, sub)
             starts.extend(balancer.extra_window_bounds(now, sub.extra_windows[index])[0] for index in moved)
-            old = tuple(start for start in starts if start < self._usage.kept_since)
+            old = tuple(start for start in starts if start < self._usage_log.kept_since)
             if old:
                 needed[sub.id] = old
         return needed
 
     def _reconfigure(self, spec: PoolSpec, fetched: FetchedSpend, now: float, batch: WriteBatch) -> Reconfiguration:
         needed = self._recount_starts(spec, now)
-        if needed and fetched.before < self._usage.kept_since:
+        if needed and fetched.before < self._usage_log.kept_since:
             raise _Recount  # before anything changed
         if any((sid, start) not in fetched.spend for sid, starts in needed.items() for start in starts):
             raise _Recount
@@ -1208,7 +1209,7 @@ class Pool:
             self._roll_window(ledger, now, fetched)
         for index in moved:
             window = balancer.extra_window_bounds(now, sub.extra_windows[index])
-            ledger.roll_extra(index, window, self._usage.spend_since(sub.id, window[0], fetched))
+            ledger.roll_extra(index, window, self._usage_log.spend_since(sub.id, window[0], fetched))
 
     def _new_ledger(self, sub: SubscriptionSpec, now: float, fetched: FetchedSpend) -> SubscriptionLedger:
         """A ledger for a subscription that joins the pool: its spend and clients from what memory holds."""
@@ -1218,7 +1219,7 @@ class Pool:
         self._roll_window(ledger, now, fetched)
         for index, window in enumerate(sub.extra_windows):
             bounds = balancer.extra_window_bounds(now, window)
-            ledger.roll_extra(index, bounds, self._usage.spend_since(sub.id, bounds[0], fetched))
+            ledger.roll_extra(index, bounds, self._usage_log.spend_since(sub.id, bounds[0], fetched))
         ledger.add_clients(sum(1 for lease in self._leases.values() if lease.subscription_id == sub.id))
         return ledger
 
@@ -1301,7 +1302,7 @@ class Pool:
 
     def _forget(self, horizon: PruneHorizon) -> None:
         """Drop from memory what `horizon` prunes (other replicas do it when they apply the write)."""
-        self._usage.forget(horizon.usage_before)
+        self._usage_log.forget(horizon.usage_before)
         for lease_id in [lid for lid, ended in self._ended.items() if ended.ended_at < horizon.ended_leases_before]:
             del self._ended[lease_id]
         self.outbox.prune(horizon.events_before)
@@ -1358,7 +1359,7 @@ class Pool:
         return {
             "live_leases": len(self._leases),
             "ended_leases": len(self._ended),
-            **self._usage.sizes(),
+            **self._usage_log.sizes(),
             "unsettled_writes": len(self._unsettled),
             "commit_queue_depth": (self._locked or self._committer).queue_depth,
             "watcher_backlogs": self.events.watcher_backlogs(),

@@ -49,7 +49,10 @@ class UsageLog:
     """The recent usage records in time order, the request ids charged, and the fallback's spend."""
 
     def __init__(self, early: EarlyUsage | None = None) -> None:
-        """An empty log, or one that starts where the store's summary of the older records (`early`) ends."""
+        """An empty log, or one that starts where `early` ends: the store's summary of the older records.
+
+        The summary holds their fallback spend, and their request ids where the store gives them.
+        """
         self._records: deque[UsageRecord] = deque()
         self._kept_since = -math.inf
         # Request id -> subscription charged: of the records in the log and, where the store gave them

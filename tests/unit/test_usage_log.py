@@ -40,6 +40,9 @@ def test_a_window_older_than_the_log_is_counted_from_what_was_fetched_for_it() -
     assert log.spend_since("sub1", 2 * DAY, fetched) == 8 * U
     with pytest.raises(RuntimeError, match="older than memory holds"):
         log.spend_since("sub1", 3 * DAY, fetched)  # a start the fetch did not cover: a bug, not a race
+    stale = FetchedSpend(before=8 * DAY, spend={("sub1", 2 * DAY): 5 * U})  # fetched before the log moved on
+    with pytest.raises(RuntimeError, match="older than memory holds"):
+        log.spend_since("sub1", 2 * DAY, stale)
 
 
 def test_a_window_older_than_the_log_without_a_fetch_counts_what_it_holds_and_says_so(
@@ -49,7 +52,9 @@ def test_a_window_older_than_the_log_without_a_fetch_counts_what_it_holds_and_sa
     log.add(record("recent", 9.5 * DAY, 3 * U))
     with caplog.at_level(logging.ERROR, logger="authpool_server.usage_log"):
         assert log.spend_since("sub1", 2 * DAY) == 3 * U
-    assert "older than memory" in caplog.text
+    [logged] = caplog.records
+    assert (logged.name, logged.levelname) == ("authpool_server.usage_log", "ERROR")
+    assert "older than memory" in logged.getMessage()
 
 
 def test_eviction_lets_records_go_in_steps_and_with_them_their_request_ids() -> None:
@@ -60,8 +65,17 @@ def test_eviction_lets_records_go_in_steps_and_with_them_their_request_ids() -> 
     assert (log.kept_since, log.sizes()["usage_records"]) == (4 * HOUR, 6)
     assert log.charged("r3") is None  # the store answers for it now
     assert log.charged("r4") == "sub1"
-    log.evict(4 * HOUR + 60.0)  # less than a step later: nothing moves
-    assert log.kept_since == 4 * HOUR
+    log.evict(4 * HOUR + 60.0)  # less than a step later: nothing moves, not even the record at 4 h
+    assert (log.kept_since, log.sizes()["usage_records"]) == (4 * HOUR, 6)
+    log.evict(5 * HOUR)  # a step later
+    assert (log.kept_since, log.sizes()["usage_records"]) == (5 * HOUR, 5)
+
+
+def test_eviction_counts_its_steps_from_where_the_store_summary_ends() -> None:
+    log = UsageLog(EarlyUsage(UsagePlan(now=10 * HOUR, recent_since=5 * HOUR)))
+    log.add(record("r", 5 * HOUR + 30.0))
+    log.evict(5 * HOUR + 60.0)
+    assert (log.kept_since, log.charged("r")) == (5 * HOUR, "sub1")
 
 
 def test_a_log_that_holds_every_request_id_keeps_them_until_the_store_prunes_them() -> None:
