@@ -33,6 +33,12 @@ up, and a ratio measured while their p99 lag exceeded `WATCHERS_MAX_P99_LAG_MS`
 is not reported either.
 `allocate_watched_all` (not in the default schedule; see BENCH_SCENARIOS)
 does the same with 100 unfiltered streams, each event to every one.
+`allocate_watched_bare` runs in the same block as the watched twins (A B C
+C B A) with 100 streams of `bench.bare_writes` open on the same server
+process instead: streams that only write a fixed message every
+BENCH_WATCH_BARE_PERIOD_MS (default 120, about the rate `allocate_watched`'s
+watchers get here). `watchers_bare_ratio` is what gRPC's writes alone cost,
+the ceiling of `watchers_ratio` at that message rate.
 
 Then, each in a process of its own and after the servers have stopped, the
 long phases: `bench.soak` (a million lease lifecycles through the pool on
@@ -57,7 +63,8 @@ BENCH_SOAK_RPC_SEGMENTS and BENCH_SOAK_RPC_SECONDS (default 5 of 6 s),
 BENCH_SCALE_SUBSCRIPTIONS, BENCH_SCALE_LEASES, BENCH_SCALE_USAGE (default
 1,000, 15,000 and 1,000,000), BENCH_SCALE_RESTARTS (default 3), BENCH_OUT
 (default var/bench/latest.json), and for the watchers BENCH_WATCH_MAX_BATCH
-and BENCH_WATCH_WINDOW_MS (default 100 and 100; see bench.watchers).
+and BENCH_WATCH_WINDOW_MS (default 100 and 100; see bench.watchers) and
+BENCH_WATCH_BARE_PERIOD_MS.
 """
 
 from __future__ import annotations
@@ -108,6 +115,7 @@ SCENARIOS = (
     "allocate_pg2",
     "allocate_watched",
     "allocate_watched_all",
+    "allocate_watched_bare",
 )
 LOAD = {
     **{name: name for name in LOAD_SCENARIOS},
@@ -118,11 +126,12 @@ LOAD = {
     "allocate_pg2": "allocate",
     "allocate_watched": "allocate",
     "allocate_watched_all": "allocate",
+    "allocate_watched_bare": "allocate",
 }
 # The long phases, each a process of its own run after the servers above have stopped.
 PHASES = ("soak", "soak_rpc", "scale")
 # Scenarios run against the untraced server while `bench.watchers` holds streams open: what they follow.
-WATCHED = {"allocate_watched": "subscription", "allocate_watched_all": "all"}
+WATCHED = {"allocate_watched": "subscription", "allocate_watched_all": "all", "allocate_watched_bare": "bare"}
 WATCHERS = 100
 WATCHERS_NICE = 10
 # A watcher that keeps up gets each batch its window (100 ms) after the batch's first event, plus
@@ -194,7 +203,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
             # during the block weighs on both alike.
             order = 1 if index % 2 == 0 else -1
             chained = ["allocate", "allocate_bare"][::order]
-            twins = ["allocate_untraced", "allocate_watched"][::order]
+            # With the streams that only write beside the watched twin: the transport's own share of its cost.
+            twins = ["allocate_untraced", "allocate_watched", "allocate_watched_bare"][::order]
             rounds += [
                 *chained,
                 *chained[::-1],
@@ -225,6 +235,7 @@ class ServerProcess:
     pid: int
     data_dir: Path
     stderr_path: Path
+    bare_port: int | None = None  # bench.bare_writes, when the server was started with --bare-writes
 
     @property
     def target(self) -> str:
@@ -278,7 +289,8 @@ def _server(
         if not line:
             raise RuntimeError(f"the server did not start:\n{stderr_path.read_text(errors='replace')[-2000:]}")
         info = json.loads(line)
-        server = ServerProcess(process, int(info["port"]), int(info["pid"]), data_dir, stderr_path)
+        bare_port = int(info["bare_port"]) if "bare_port" in info else None
+        server = ServerProcess(process, int(info["port"]), int(info["pid"]), data_dir, stderr_path, bare_port)
         _wait_serving(server.target)
         yield server
     finally:
@@ -383,6 +395,8 @@ def _watchers(
         *("--follow", follow, "--subscriptions", str(subscriptions), "--out", str(out)),
         *("--nice", str(WATCHERS_NICE)),
     ]
+    if follow == "bare":
+        command += ["--bare-target", f"127.0.0.1:{server.bare_port}"]
     process = _spawn(command, token)
     try:
         if readline_within(process.stdout, _LOAD_READY_TIMEOUT).strip() != "ready":
@@ -423,6 +437,21 @@ def _watcher_figures(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "lag_p99_ms": _quantile(lags, 0.99),
         "lag_max_ms": lags[-1] if lags else None,
         "errors": [error for run in runs for error in run["errors"]],
+        "client_cpu_seconds": sum(run["client_cpu_seconds"] for run in runs),
+    }
+
+
+def _bare_figures(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the streams of bench.bare_writes received over the runs of `allocate_watched_bare`."""
+    received = [count for run in runs for count in run["messages"]]
+    return {
+        "watchers": runs[0]["watchers"],
+        "follow": "bare",
+        "runs": len(runs),
+        "period_ms": runs[0]["bare_period_ms"],
+        "messages": sum(received),
+        "messages_per_s": _ratio(sum(received), sum(run["seconds"] for run in runs)),
+        "min_messages_per_watcher_run": min(received) if received else 0,
         "client_cpu_seconds": sum(run["client_cpu_seconds"] for run in runs),
     }
 
@@ -564,6 +593,19 @@ def _flat(scenarios: dict[str, dict[str, Any]]) -> dict[str, Any]:
                 scenarios["allocate_untraced"]["cpu"]["server_cpu_us_per_rpc"], bare_cpu
             )
     untraced = scenarios.get("allocate_untraced")
+    bare = scenarios.get("allocate_watched_bare")
+    if bare is not None and untraced is not None:
+        # Streams that only write: what gRPC's writes alone cost at that rate, with no AuthPool work per message.
+        flat["watchers_bare_ratio"] = _ratio(bare["rps"], untraced["rps"])
+        flat["watchers_bare_ratio_per_pair"] = _per_pair(bare, untraced)
+        flat["watchers_bare_cpu_ratio"] = _ratio(
+            untraced["cpu"]["server_cpu_us_per_rpc"], bare["cpu"]["server_cpu_us_per_rpc"]
+        )
+        rate = bare["watchers"]["messages_per_s"]
+        with_cpu, without_cpu = bare["cpu"]["server_cpu_us_per_rpc"], untraced["cpu"]["server_cpu_us_per_rpc"]
+        if None not in (with_cpu, without_cpu) and rate:
+            # The extra CPU per Allocate, times the Allocates per second, over the messages per second.
+            flat["watchers_bare_server_us_per_message"] = (with_cpu - without_cpu) * bare["rps"] / rate
     for name, key in (("allocate_watched", "watchers"), ("allocate_watched_all", "watchers_all")):
         if name not in scenarios or untraced is None:
             continue
@@ -588,11 +630,12 @@ def _flat(scenarios: dict[str, dict[str, Any]]) -> dict[str, Any]:
         per_message = _ratio(watched["watchers"]["events_received"], watched["watchers"]["event_messages"])
         flat[f"{key}_events_per_message"] = per_message
         with_cpu, without_cpu = watched["cpu"]["server_cpu_us_per_rpc"], untraced["cpu"]["server_cpu_us_per_rpc"]
-        if None not in (events_per_call, fan_out, per_message, with_cpu, without_cpu):
+        if None not in (events_per_call, fan_out, per_message, with_cpu, without_cpu) and per_message:
             deliveries_per_call = events_per_call * fan_out  # type: ignore[operator]
             messages_per_call = deliveries_per_call / per_message  # type: ignore[operator]
             flat[f"{key}_deliveries_per_allocate"] = deliveries_per_call
             flat[f"{key}_messages_per_allocate"] = messages_per_call
+            flat[f"{key}_messages_per_s"] = messages_per_call * watched["rps"]
             flat[f"{key}_server_us_per_message"] = _ratio(with_cpu - without_cpu, messages_per_call)  # type: ignore[operator]
     if "noop" in scenarios:
         noop = scenarios["noop"]
@@ -653,7 +696,10 @@ def _problems(scenarios: dict[str, dict[str, Any]], flat: dict[str, Any], store:
         )
     for name, figures in scenarios.items():
         watched = figures.get("watchers")
-        if watched is not None and not _watchers_live(watched):
+        if watched is not None and watched["follow"] == "bare":
+            if not watched["min_messages_per_watcher_run"]:
+                problems.append(f"{name}: a stream of bench.bare_writes received nothing in a run")
+        elif watched is not None and not _watchers_live(watched):
             problems.append(
                 f"{name}: the watchers were not all live, complete and keeping up (fewest events one received "
                 f"in a run {watched['min_events_per_watcher_run']}, missed {watched['events_missed']}, out of "
@@ -768,6 +814,7 @@ def _table(scenarios: dict[str, dict[str, Any]]) -> str:
         "allocate_pg2": "allocate on 2 replicas sharing PostgreSQL, no interceptors",
         "allocate_watched": f"allocate, chain without spans, {WATCHERS} watchers (one subscription each)",
         "allocate_watched_all": f"allocate, chain without spans, {WATCHERS} unfiltered watchers",
+        "allocate_watched_bare": f"allocate, chain without spans, {WATCHERS} streams that only write",
         "lifecycle": "lifecycle (rps / noop per RPC)",
     }
     for name, label in labels.items():
@@ -825,7 +872,12 @@ def _report(result: dict[str, Any]) -> str:
     for name, figures in scenarios.items():
         rates = ", ".join(f"{run['rps']:,.0f}" for run in figures["per_run"])
         lines.append(f"{name} rps per run, in order: {rates}")
-    for key in ("interceptor_overhead_per_pair", "watchers_ratio_per_pair", "watchers_all_ratio_per_pair"):
+    for key in (
+        "interceptor_overhead_per_pair",
+        "watchers_ratio_per_pair",
+        "watchers_all_ratio_per_pair",
+        "watchers_bare_ratio_per_pair",
+    ):
         if result.get(key):
             figures = ", ".join(_fmt(value) for value in result[key])
             lines.append(f"{key.removesuffix('_per_pair')} of each pair of runs, in order: {figures}")
@@ -836,7 +888,16 @@ def _report(result: dict[str, Any]) -> str:
         )
     for name in WATCHED:
         watched = scenarios.get(name, {}).get("watchers")
-        if watched is not None:
+        if watched is not None and watched["follow"] == "bare":
+            lines.append(
+                f"{name}: {watched['watchers']} streams of bench.bare_writes, one message every "
+                f"{watched['period_ms']} ms each ({_fmt(watched['messages_per_s'], 0)} messages/s), fewest in a run "
+                f"{watched['min_messages_per_watcher_run']:,}; throughput / twin "
+                f"{_fmt(result.get('watchers_bare_ratio'))}, "
+                f"server CPU per Allocate twin / bare {_fmt(result.get('watchers_bare_cpu_ratio'))}, "
+                f"{_fmt(result.get('watchers_bare_server_us_per_message'), 0)} µs server CPU per message"
+            )
+        elif watched is not None:
             key = "watchers" if name == "allocate_watched" else "watchers_all"
             lines.append(
                 f"{name}: {watched['watchers']} watchers following {watched['follow']}, batches of up to "
@@ -849,7 +910,8 @@ def _report(result: dict[str, Any]) -> str:
                 f"{_fmt(result.get(key + '_ratio_unchecked'))}, server CPU per Allocate twin / watched "
                 f"{_fmt(result.get(key + '_cpu_ratio'))}; {_fmt(result.get(key + '_deliveries_per_allocate'))} "
                 f"events to watchers per Allocate in {_fmt(result.get(key + '_messages_per_allocate'))} messages "
-                f"({_fmt(result.get(key + '_events_per_message'))} events each), "
+                f"({_fmt(result.get(key + '_events_per_message'))} events each; "
+                f"{_fmt(result.get(key + '_messages_per_s'), 0)} messages/s under load), "
                 f"{_fmt(result.get(key + '_server_us_per_message'), 0)} µs server CPU per message"
             )
     lines.extend(_phase_lines(result))
@@ -990,8 +1052,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 all_spans = stack.enter_context(
                     _server(work_dir, args.subscriptions, "full", all_spans_env, "all-spans")
                 )
+                bare_writes = ["--bare-writes"] if "allocate_watched_bare" in args.schedule else []
                 untraced = stack.enter_context(
-                    _server(work_dir, args.subscriptions, "full", {"BENCH_TOKEN": token}, "untraced")
+                    _server(work_dir, args.subscriptions, "full", {"BENCH_TOKEN": token}, "untraced", bare_writes)
                 )
                 bare = stack.enter_context(_server(work_dir, args.subscriptions, "off", {}))
                 servers = [full, *lifecycle, all_spans, untraced, bare]
@@ -1019,6 +1082,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         "allocate_untraced": ([untraced], token),
                         "allocate_watched": ([untraced], token),
                         "allocate_watched_all": ([untraced], token),
+                        "allocate_watched_bare": ([untraced], token),
                     }.get(scenario, ([full], token))
                     server = targets[0]
                     follow = WATCHED.get(scenario)
@@ -1046,7 +1110,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     scenarios = {name: _scenario_figures(raw[name], args.duration) for name in SCENARIOS if name in raw}
     for name, runs in watched_raw.items():
-        scenarios[name]["watchers"] = _watcher_figures(runs)
+        scenarios[name]["watchers"] = _bare_figures(runs) if WATCHED[name] == "bare" else _watcher_figures(runs)
     flat = {**_flat(scenarios), **simulator, **_phase_figures(phases)}
     targets = _targets(flat)
     return {

@@ -6,7 +6,9 @@ with its SQLite store on an ephemeral port (with the whole interceptor chain,
 or with none: `--chain`), prints one JSON line
 ``{"port": ..., "pid": ..., "admin_port": ..., "start_seconds": ...}`` once it
 is SERVING (`start_seconds`: how long `Server.start()` took, store load
-included), and shuts down gracefully on SIGTERM or SIGINT.
+included), and shuts down gracefully on SIGTERM or SIGINT. With
+``--bare-writes`` it also serves `bench.bare_writes` in the same process and
+event loop, on the port it adds to that line as ``bare_port``.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from authpool_server.security.roles import Principal, Role
 from authpool_server.security.settings import RateLimits, SecuritySettings
 from authpool_server.security.tokens import TokenDirectory
 from authpool_server.server import Server
+from bench.bare_writes import serve_bare_writes
 
 NO_AUTH = SecuritySettings().without_auth()
 
@@ -97,10 +100,15 @@ async def _serve(args: argparse.Namespace) -> None:
     gc.freeze()  # as `authpool serve` does (authpool_server.server.serve)
     start_seconds = time.perf_counter() - started
     info = {"port": server.port, "pid": os.getpid(), "admin_port": server.admin_port, "start_seconds": start_seconds}
+    bare = None
+    if args.bare_writes:
+        bare, info["bare_port"] = await serve_bare_writes()
     print(json.dumps(info), flush=True)
     try:
         await stop.wait()
     finally:
+        if bare is not None:
+            await bare.stop(0)
         await server.stop()
 
 
@@ -120,6 +128,11 @@ def main(argv: list[str] | None = None) -> int:
         default="full",
         help="full: the interceptor chain as deployed (auth, rate limits, JSON access log at INFO, metrics, "
         "and spans when OTEL_EXPORTER_OTLP_ENDPOINT is set); off: no interceptors at all",
+    )
+    parser.add_argument(
+        "--bare-writes",
+        action="store_true",
+        help="also serve bench.bare_writes (streams that only write) on a port of its own, in this process",
     )
     args = parser.parse_args(argv)
     if args.chain == "full":

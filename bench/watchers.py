@@ -7,7 +7,10 @@ watcher i follows ``bench-sub{i mod subscriptions + 1}``, so with the bench's
 20 subscriptions every subscription has five watchers and every event about
 one reaches five streams), or every event (``--follow all``: the firehose an
 audit-log shipper reads, each event to every stream). Progress messages come
-at the server's default interval.
+at the server's default interval. ``--follow bare`` opens as many streams of
+`bench.bare_writes` instead (``--bare-target``, one message every
+``--bare-period-ms``) and only counts their messages: the transport's own
+cost, without AuthPool's.
 
 The process opens every stream from the newest sequence (no replay), waits
 until the server has answered each one's headers, prints ``ready``, and then
@@ -48,6 +51,8 @@ from pathlib import Path
 import grpc
 from authpool_client.api import authpool_pb2 as pb
 from authpool_client.api import authpool_pb2_grpc
+
+from bench.bare_writes import FOLLOW
 
 __all__ = ["main"]
 
@@ -138,7 +143,44 @@ async def _wait_for_stop() -> None:
         raise SystemExit("bench.watchers: expected 'stop' on stdin")
 
 
+async def _run_bare(args: argparse.Namespace) -> dict[str, object]:
+    """`--follow bare`: streams of bench.bare_writes, each message counted, nothing else checked."""
+    channels = [grpc.aio.insecure_channel(args.bare_target, options=_OWN_CONNECTION) for _ in range(args.watchers)]
+    messages = [0] * len(channels)
+
+    async def read(index: int, call: grpc.aio.UnaryStreamCall) -> None:
+        with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+            async for _ in call:
+                messages[index] += 1
+
+    period = str(args.bare_period_ms).encode()
+    calls = [channel.unary_stream(FOLLOW)(period) for channel in channels]
+    readers: list[asyncio.Task[None]] = []
+    try:
+        await asyncio.wait_for(asyncio.gather(*(call.initial_metadata() for call in calls)), timeout=_CALL_TIMEOUT)
+        readers = [asyncio.create_task(read(index, call)) for index, call in enumerate(calls)]
+        cpu_before, started = time.process_time(), time.monotonic()
+        print("ready", flush=True)
+        await _wait_for_stop()
+        cpu_seconds, seconds = time.process_time() - cpu_before, time.monotonic() - started
+    finally:
+        for call in calls:
+            call.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
+        await asyncio.gather(*(channel.close() for channel in channels))
+    return {
+        "watchers": len(channels),
+        "follow": "bare",
+        "bare_period_ms": args.bare_period_ms,
+        "messages": messages,
+        "seconds": seconds,
+        "client_cpu_seconds": cpu_seconds,
+    }
+
+
 async def _run(args: argparse.Namespace) -> dict[str, object]:
+    if args.follow == "bare":
+        return await _run_bare(args)
     token = os.environ.get("BENCH_TOKEN")
     metadata = (("authorization", f"Bearer {token}"),) if token else ()
     if args.follow == "subscription":
@@ -208,7 +250,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.watchers")
     parser.add_argument("--target", required=True, help="host:port of the server")
     parser.add_argument("--watchers", type=int, default=100)
-    parser.add_argument("--follow", choices=("subscription", "all"), default="subscription")
+    parser.add_argument("--follow", choices=("subscription", "all", "bare"), default="subscription")
+    parser.add_argument("--bare-target", help="host:port of bench.bare_writes (--follow bare)")
+    parser.add_argument(
+        "--bare-period-ms",
+        type=int,
+        default=int(os.environ.get("BENCH_WATCH_BARE_PERIOD_MS", "120")),
+        help="--follow bare: one message per stream this often",
+    )
     parser.add_argument("--subscriptions", type=int, default=20, help="the bench pool's subscriptions")
     parser.add_argument(
         "--max-batch",
