@@ -50,7 +50,9 @@ async def _follow(request: bytes, context: grpc.aio.ServicerContext) -> None:
     period = int(request or b"100") / 1000
     message = _message()
     await context.send_initial_metadata(())
-    await asyncio.sleep(random.uniform(0, period))  # the streams' windows do not all end together
+    # Streams opened together would otherwise all write together, ever after; the watchers' batches
+    # open whenever their subscription's next event comes.
+    await asyncio.sleep(random.uniform(0, period))
     while True:
         await context.write(message)
         await asyncio.sleep(period)
