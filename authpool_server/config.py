@@ -8,8 +8,9 @@ turns a validated document into the plain `domain.PoolSpec` the rest of the
 server uses, so pydantic stops at this module.
 
 Every problem is reported, one line each, as ``<field path>: <message>`` with
-the JSON names (``subscriptions[1].configDir: must not contain '..'``), so an
-operator can fix a file in one pass instead of one error per restart.
+the JSON names (``subscriptions[1].configDir: must not contain '..'``; see
+`config_errors`), so an operator can fix a file in one pass instead of one
+error per restart.
 
 Money and ratios never go through float arithmetic: numbers are turned into
 `Decimal` via their shortest string form and then into integer micro-units
@@ -18,12 +19,9 @@ Money and ratios never go through float arithmetic: numbers are turned into
 
 from __future__ import annotations
 
-import difflib
-import functools
 import hashlib
 import json
 import os
-import re
 from collections.abc import Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -45,6 +43,7 @@ from pydantic import (
     model_validator,
 )
 
+from authpool_server.config_errors import message, problem, show
 from authpool_server.config_model import ConfigModel, check_id
 from authpool_server.config_server import AdminConfig, SecurityConfig, StoreConfig
 from authpool_server.domain import (
@@ -108,7 +107,7 @@ class ConfigError(Exception):
 def _to_decimal(value: object) -> Decimal:
     # bool is an int subclass, and a quoted "456" is more likely a mistake than intent.
     if isinstance(value, bool) or not isinstance(value, int | float | Decimal):
-        raise ValueError(f"must be a number (got {_show(value)})")
+        raise ValueError(f"must be a number (got {show(value)})")
     # str() of a float is its shortest round-trip form, so 0.85 becomes exactly 0.85.
     exact = Decimal(str(value))
     if not exact.is_finite():
@@ -550,7 +549,7 @@ def _read_env(env: Mapping[str, str]) -> tuple[_EnvOverrides, list[str]]:
         except InvalidOperation:
             problems.append(f"WEEKLY_BUDGET: must be a number (got {text!r})")
         except ValidationError as exc:
-            problems.extend(f"WEEKLY_BUDGET: {_message(e)}" for e in exc.errors())
+            problems.extend(f"WEEKLY_BUDGET: {message(e)}" for e in exc.errors())
 
     level = env.get("LOG_LEVEL", "").strip().lower() or "info"
     if level not in _LOG_LEVELS:
@@ -603,7 +602,7 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
     try:
         raw = PoolConfig.model_validate(data)
     except ValidationError as exc:
-        problems.extend(_problem(e) for e in exc.errors())
+        problems.extend(problem(e) for e in exc.errors())
         raise ConfigError(problems, source) from None
     security, security_problems = load_security(raw.security, env, source.parent)
     problems.extend(security_problems)
@@ -791,94 +790,3 @@ def _pool_spec(raw: PoolConfig) -> PoolSpec:
         ),
         webhooks_enabled=raw.notifications.uses_webhook,
     )
-
-
-# --- error messages --------------------------------------------------------
-
-_KIND = {
-    "bool_type": "true or false",
-    "int_type": "an integer",
-    "float_type": "a number",
-    "string_type": "a string",
-    "dict_type": "an object",
-    "model_type": "an object",
-    "model_attributes_type": "an object",
-    "list_type": "an array",
-    "tuple_type": "an array",
-}
-
-
-def _models(base: type[ConfigModel]) -> list[type[ConfigModel]]:
-    found = []
-    for model in base.__subclasses__():
-        found += [model, *_models(model)]
-    return found
-
-
-@functools.cache
-def _aliases() -> dict[str, str]:
-    return {name: info.alias or name for m in _models(ConfigModel) for name, info in m.model_fields.items()}
-
-
-_PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
-
-
-def _path(loc: tuple[int | str, ...], *, unknown_last: bool = False) -> str:
-    # pydantic names a defaulted field by its Python name; the operator knows the JSON one.
-    aliases = _aliases()
-    out = ""
-    for i, part in enumerate(loc):
-        if isinstance(part, int):
-            out += f"[{part}]"
-            continue
-        keep = unknown_last and i == len(loc) - 1  # a typo must be shown as typed
-        name = part if keep else aliases.get(part, part)
-        if keep and not _PLAIN_KEY.fullmatch(name):
-            out += f"[{json.dumps(name)}]"  # "", "a.b" or " x" would read as another path
-            continue
-        out += f".{name}" if out else name
-    return out or "<root>"
-
-
-def _problem(error: Any) -> str:
-    unknown = error["type"] == "extra_forbidden"
-    return f"{_path(error['loc'], unknown_last=unknown)}: {_message(error)}"
-
-
-def _bound(value: object) -> object:
-    # Float fields report their bound as 0.0; the file said 0.
-    return int(value) if isinstance(value, float) and value.is_integer() else value
-
-
-def _show(value: object) -> str:
-    if value is None or isinstance(value, str | int | float | bool):
-        return json.dumps(value)
-    return type(value).__name__
-
-
-def _message(error: Any) -> str:
-    """One pydantic error as a short sentence in JSON terms."""
-    kind, ctx = error["type"], error.get("ctx", {})
-    if kind in ("value_error", "assertion_error"):
-        return str(ctx.get("error", error["msg"]))
-    if kind == "missing":
-        return "is required"
-    if kind == "extra_forbidden":
-        name = str(error["loc"][-1]) if error["loc"] else ""
-        close = difflib.get_close_matches(name, sorted(set(_aliases().values())), n=1)
-        return "unknown field" + (f"; did you mean {close[0]!r}?" if close else "")
-    if kind == "greater_than":
-        return f"must be greater than {_bound(ctx['gt'])}"
-    if kind == "greater_than_equal":
-        return f"must be at least {_bound(ctx['ge'])}"
-    if kind == "less_than_equal":
-        return f"must be at most {_bound(ctx['le'])}"
-    if kind == "less_than":
-        return f"must be less than {_bound(ctx['lt'])}"
-    if kind in ("too_short", "string_too_short"):
-        return "must not be empty"
-    if kind == "literal_error":
-        return f"must be {ctx['expected']} (got {_show(error['input'])})"
-    if kind in _KIND:
-        return f"must be {_KIND[kind]} (got {_show(error['input'])})"
-    return str(error["msg"])
