@@ -73,8 +73,9 @@ from authpool_server.domain import (
 from authpool_server.errors import StartupRefused, StoreUnavailable
 from authpool_server.ledger import SubscriptionFlags
 from authpool_server.store.base import Snapshot, WriteBatch, outbox_from_row, outbox_row, usage_row
+from authpool_server.store.postgres_usage import UsageStatements, early_usage
 from authpool_server.store.replication import CatchUp, ReplicaBehind, decode_change, encode_change
-from authpool_server.store.usage import UsagePlanner, everything, summarize
+from authpool_server.store.usage import UsagePlanner, everything
 
 __all__ = ["Migration", "PostgresStore", "lock_key", "migrate", "migrations"]
 
@@ -546,7 +547,9 @@ class _Statements:
         self.ended_leases = q(
             "SELECT {columns} FROM {s}.leases WHERE ended_at IS NOT NULL ORDER BY granted_at, lease_id", _LEASE_COLUMNS
         )
+        # In the order `usage.summarize` takes records in: ties in time broken by request id.
         self.usage = q("SELECT {columns} FROM {s}.usage ORDER BY at, request_id", _USAGE_COLUMNS)
+        self.usage_since = q("SELECT {columns} FROM {s}.usage WHERE at >= %s ORDER BY at, request_id", _USAGE_COLUMNS)
         self.event_at = q("SELECT at FROM {s}.events WHERE sequence = %s")
         self.charged = q("SELECT subscription_id FROM {s}.usage WHERE request_id = %s")
         self.spend = q(
@@ -607,6 +610,7 @@ class PostgresStore:
         self._connect_timeout = connect_timeout
         self._command_timeout = command_timeout or connect_timeout
         self._sql = _Statements(schema)
+        self._usage_sql = UsageStatements(schema)
         self._pool: AsyncConnectionPool[Connection] | None = None
         # NOTIFY channels are identifiers (at most 63 bytes): a long schema's
         # name is cut, and a shared prefix only costs a spurious wake-up.
@@ -668,13 +672,14 @@ class PostgresStore:
             ended = [
                 EndedLease(_lease_from_row(r), r[13]) for r in await (await conn.execute(s.ended_leases)).fetchall()
             ]
-            # Every record still comes to Python here, and `summarize` does in Python what the embedded store
-            # does in SQL: replicas load as before, and the embedded store is the one a restart's time is measured on.
-            # They keep every request id too: asking for one here would cost each usage report a round trip.
-            usage = [_usage_from_row(r) for r in await (await conn.execute(s.usage)).fetchall()]
             token, last_sequence, version = await (await conn.execute(s.counters)).fetchone() or (0, 0, 0)
             newest = await (await conn.execute(s.event_at, (last_sequence,))).fetchone()
-            recent, early = summarize(usage, plan(None if newest is None else newest[0]), request_ids=True)
+            usage_plan = plan(None if newest is None else newest[0])
+            # The records the ledgers replay come back whole; the older ones summarised where they are.
+            since = usage_plan.recent_since
+            cur = await (conn.execute(s.usage_since, (since,)) if since > -math.inf else conn.execute(s.usage))
+            recent = [_usage_from_row(r) for r in await cur.fetchall()]
+            early = await early_usage(conn, self._usage_sql, usage_plan)
             flags = [SubscriptionFlags(*r) for r in await (await conn.execute(s.flags)).fetchall()]
             delivered_state = (DeliveryState.DELIVERED.value,)
             outbox = [outbox_from_row(r) for r in await (await conn.execute(s.undelivered, delivered_state)).fetchall()]

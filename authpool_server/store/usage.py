@@ -12,9 +12,9 @@ error window, which need each record) and, for everything before, one
 embedded store). Replaying the recent records on top of the summary gives
 the ledger exactly the state the full replay gave (`SubscriptionLedger.absorb`).
 
-`summarize` is the definition, in Python: the in-memory store uses it, the
-PostgreSQL store too for now, and the store contract tests hold the SQLite
-store's SQL to it.
+`summarize` is the definition, in Python: the in-memory store uses it, and
+the store contract tests hold the SQL of the SQLite and PostgreSQL stores
+to it.
 """
 
 from __future__ import annotations

@@ -364,6 +364,28 @@ async def test_a_usage_plan_gives_the_recent_records_and_summarises_the_rest(bac
     assert asked == [T0 + 4_000, T0 + 4_000]
 
 
+async def test_a_summary_counts_every_auth_failure_when_no_success_is_older(backend: Backend, store: Store) -> None:
+    # sub1 never succeeded; sub2's success shares its time with the failures around it, so only order decides.
+    records = [
+        usage("req-01", at=T0, outcome=Outcome.AUTH_FAILED),
+        usage("req-02", at=T0 + 10, outcome=Outcome.AUTH_FAILED),
+        usage("req-03", at=T0 + 10, subscription_id="sub2", outcome=Outcome.AUTH_FAILED),
+        usage("req-04", at=T0 + 10, subscription_id="sub2"),
+        usage("req-05", at=T0 + 10, subscription_id="sub2", outcome=Outcome.AUTH_FAILED),
+        usage("req-06", at=T0 + 500, outcome=Outcome.AUTH_FAILED),  # recent: replayed, not summarised
+    ]
+    await store.write(WriteBatch(usage=records))
+
+    def plan(newest_event_at: float | None) -> UsagePlan:
+        return UsagePlan(T0 + 600, T0 + 100, {"sub1": (T0 - 1,), "sub2": (T0 - 1,)})
+
+    recent, early = summarize(records, plan(None))
+    assert early.subscriptions["sub1"].auth_failures == (T0, T0 + 10)
+    assert early.subscriptions["sub2"].auth_failures == (T0 + 10,)
+    for snapshot in (await store.load(plan), await reopened(backend, store, plan)):
+        assert (snapshot.usage, replace(snapshot.early, request_ids=None)) == (recent, early)
+
+
 async def test_a_record_is_found_by_its_request_id(backend: Backend, store: Store) -> None:
     await store.write(WriteBatch(usage=[usage("req-1", subscription_id="sub2"), usage("req-2")]))
     assert [await store.charged(r) for r in ("req-1", "req-2", "req-3")] == ["sub2", "sub1", None]
