@@ -552,10 +552,6 @@ class _Statements:
         self.usage_since = q("SELECT {columns} FROM {s}.usage WHERE at >= %s ORDER BY at, request_id", _USAGE_COLUMNS)
         self.event_at = q("SELECT at FROM {s}.events WHERE sequence = %s")
         self.charged = q("SELECT subscription_id FROM {s}.usage WHERE request_id = %s")
-        self.spend = q(
-            "SELECT COALESCE(SUM(cost_micros), 0) FROM {s}.usage"
-            " WHERE subscription_id = %s AND at >= %s AND at < %s AND NOT fallback"
-        )
         self.counters = q(
             "SELECT fencing_token, GREATEST(last_sequence, (SELECT COALESCE(MAX(sequence), 0) FROM {s}.events)),"
             " version FROM {s}.pool_state"
@@ -697,7 +693,7 @@ class PostgresStore:
             for sid, sub_starts in starts.items():
                 sums = []
                 for start in sub_starts:
-                    row = await (await conn.execute(self._sql.spend, (sid, start, before))).fetchone()
+                    row = await (await conn.execute(self._usage_sql.spend, (sid, start, before))).fetchone()
                     sums.append(int(row[0]) if row else 0)
                 spend[sid] = tuple(sums)
         return spend

@@ -107,7 +107,7 @@ async def _subscription(
             row = await _one(conn, s.spend_after, (sid, at, before, at, request_id))
             since_report = 0 if row is None else int(row[0])
     reset = await _one(conn, s.newest_reset, (sid, before))
-    rate_limited = await _one(conn, s.newest_rate_limit, (sid, before))
+    rate_limited_at = (await _one(conn, s.newest_rate_limit, (sid, before)) or (None,))[0] or 0.0  # MAX: NULL if none
     failures: tuple[float, ...] = ()
     if await _one(conn, s.has_auth_failure, (sid, before)) is not None:
         ok = await _one(conn, s.newest_ok, (sid, before))
@@ -119,7 +119,7 @@ async def _subscription(
         ppm,
         since_report,
         None if reset is None else reset[0],
-        (rate_limited[0] if rate_limited is not None else None) or 0.0,
+        rate_limited_at,
         failures,
     )
 
