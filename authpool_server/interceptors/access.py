@@ -13,7 +13,7 @@ import time
 
 import grpc
 
-from authpool_server.interceptors.chain import Metadata
+from authpool_server.interceptors.chain import Hooks, Metadata
 from authpool_server.telemetry.call import Call
 from authpool_server.telemetry.recorder import CallRecorder
 
@@ -23,6 +23,9 @@ __all__ = ["AccessStep"]
 class AccessStep:
     def __init__(self, recorder: CallRecorder) -> None:
         self._recorder = recorder
+
+    def hooks(self, method: str) -> Hooks:
+        return Hooks(self.enter, self.exit)
 
     def enter(self, call: Call, context: grpc.aio.ServicerContext, metadata: Metadata) -> None:
         call.started = time.perf_counter()

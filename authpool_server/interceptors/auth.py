@@ -14,7 +14,7 @@ import grpc
 
 from authpool_server.errors import AuthPoolError, PermissionDenied, Unauthenticated
 from authpool_server.grpc_paths import method_name, service_of
-from authpool_server.interceptors.chain import Metadata
+from authpool_server.interceptors.chain import Enter, Hooks, Metadata
 from authpool_server.security.roles import Principal, Role, required_role
 from authpool_server.security.settings import SecuritySettings
 from authpool_server.telemetry.call import Call
@@ -27,54 +27,33 @@ ANONYMOUS = Principal("anonymous", Role.ADMIN)  # only ever used with --insecure
 _NO_ONE = Principal("-", Role.CLIENT)  # callers of open services
 
 
-def _metadata(metadata: Metadata, key: str) -> str | None:
-    for item_key, value in metadata:
-        if item_key == key:
-            return value if isinstance(value, str) else None
-    return None
-
-
 class AuthStep:
     def __init__(self, security: SecuritySettings) -> None:
         self._security = security
 
-    def enter(self, call: Call, context: grpc.aio.ServicerContext, metadata: Metadata) -> AuthPoolError | None:
-        method = call.method
-        principal, refusal = self._check(method, context, metadata)
-        if principal is not None:
-            call.principal = principal.name
-        if refusal is not None:
-            log.info(
-                "call refused",
-                extra={"context": {"method": method_name(method), "reason": refusal.reason, "peer": context.peer()}},
-            )
-        return refusal
-
-    def exit(
-        self, call: Call, context: grpc.aio.ServicerContext, code: grpc.StatusCode, raised: BaseException | None
-    ) -> None:
-        pass
-
-    def _check(
-        self, method: str, context: grpc.aio.ServicerContext, metadata: Metadata
-    ) -> tuple[Principal | None, AuthPoolError | None]:
-        """The caller, and why it is refused (None when allowed)."""
+    def hooks(self, method: str) -> Hooks:
+        """Who may call `method`, worked out once: open, anyone (auth off), or the role it needs."""
         if service_of(method) in self._security.open_services:
-            return _NO_ONE, None
+            return Hooks(_as(_NO_ONE))
         if not self._security.auth_required:
-            return ANONYMOUS, None
-        principal = self._identify(context, metadata)
-        if isinstance(principal, Unauthenticated):
-            return None, principal
+            return Hooks(_as(ANONYMOUS))
         needed = required_role(method)
-        if needed is None or principal.role < needed:
-            wanted = None if needed is None else str(needed)
-            return principal, PermissionDenied(method_name(method), str(principal.role), wanted)
-        return principal, None
+
+        def enter(call: Call, context: grpc.aio.ServicerContext, metadata: Metadata) -> AuthPoolError | None:
+            principal = self._identify(context, metadata)
+            if isinstance(principal, Unauthenticated):
+                return _refused(method, context, principal)
+            call.principal = principal.name
+            if needed is None or principal.role < needed:
+                wanted = None if needed is None else str(needed)
+                return _refused(method, context, PermissionDenied(method_name(method), str(principal.role), wanted))
+            return None
+
+        return Hooks(enter)
 
     def _identify(self, context: grpc.aio.ServicerContext, metadata: Metadata) -> Principal | Unauthenticated:
-        header = _metadata(metadata, "authorization")
-        if header is not None:
+        header = metadata.get("authorization")
+        if isinstance(header, str):
             scheme, _, token = header.strip().partition(" ")
             if scheme.lower() != "bearer" or not token.strip():
                 return Unauthenticated("authorization: expected 'Bearer <token>'")
@@ -99,3 +78,20 @@ class AuthStep:
             if entry.matches(subject, common_name):
                 return entry.principal
         return None
+
+
+def _as(principal: Principal) -> Enter:
+    """The hook of a method that lets everyone in, as `principal`."""
+
+    def enter(call: Call, context: grpc.aio.ServicerContext, metadata: Metadata) -> None:
+        call.principal = principal.name
+
+    return enter
+
+
+def _refused(method: str, context: grpc.aio.ServicerContext, refusal: AuthPoolError) -> AuthPoolError:
+    log.info(
+        "call refused",
+        extra={"context": {"method": method_name(method), "reason": refusal.reason, "peer": context.peer()}},
+    )
+    return refusal

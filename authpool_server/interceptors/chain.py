@@ -8,12 +8,18 @@ behaviour is wrapped once instead, as the services are registered
 (`ChainedRegistration` stands in for the server in the generated
 `add_*Servicer_to_server` functions), and grpc calls the wrapper directly.
 
-A step is two plain methods, not a coroutine of its own: `enter` runs before
-the handler, in chain order, and may refuse the call; `exit` runs once the
+A step hands the chain, once for each method as it is registered, its hooks
+for that method's calls (`Hooks`): `enter` runs before the handler, in chain
+order, and may refuse the call; `exit`, if the step has one, runs once the
 call has ended (for a stream, once the stream has), in reverse order, for
-every step that entered. Nesting each step as a coroutine around the next
-cost a frame, a partial and an await per step on every call, all on the
-event loop that every RPC shares.
+every step that entered. Hooks are plain functions, not coroutines: nesting
+each step as a coroutine around the next cost a frame, a partial and an
+await per step on every call, all on the event loop that every RPC shares.
+Choosing them per method means that what depends only on the method (the
+role it needs; whether it is open to anyone) is worked out once, and a step
+with nothing to do on a method (the rate limit on health checks) costs its
+calls nothing: on the call's path, a step's work measured several times what
+the same code costs in a loop, so every line there counts.
 
 The chain opens the per-call record (`telemetry.call.Call`) that the steps
 and the service fill in, and closes it when the call ends.
@@ -23,8 +29,8 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, NamedTuple, Protocol
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -33,11 +39,16 @@ from authpool_server.errors import AuthPoolError, InvalidArgument
 from authpool_server.rpc_errors import to_status
 from authpool_server.telemetry.call import Call, close_call, open_call
 
-__all__ = ["Chain", "ChainedRegistration", "Metadata", "Step", "final_code"]
+__all__ = ["Chain", "ChainedRegistration", "Enter", "Exit", "Hooks", "Metadata", "Step", "final_code"]
 
 Behavior = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
-# What grpc.aio gives for a call's metadata: (key, value) pairs, values bytes for `-bin` keys.
-Metadata = Sequence[tuple[str, str | bytes]]
+# A call's metadata, read once for every step: values are bytes for `-bin` keys, and a key
+# sent more than once keeps its first value.
+Metadata = Mapping[str, str | bytes]
+# Before the handler: None lets the call on, an error refuses it (later steps never enter).
+Enter = Callable[[Call, grpc.aio.ServicerContext, Metadata], AuthPoolError | None]
+# After the call (or its stream) ended with a code; the exception that ended it, if anything.
+Exit = Callable[[Call, grpc.aio.ServicerContext, grpc.StatusCode, BaseException | None], None]
 
 _FACTORIES = {
     (False, False): grpc.unary_unary_rpc_method_handler,
@@ -47,20 +58,18 @@ _FACTORIES = {
 }
 
 
+class Hooks(NamedTuple):
+    """What a step does on the calls of one method; neither hook may block or raise."""
+
+    enter: Enter
+    exit: Exit | None = None
+
+
 class Step(Protocol):
-    """One link of the chain; neither method may block or raise."""
+    """One link of the chain."""
 
-    def enter(self, call: Call, context: grpc.aio.ServicerContext, metadata: Metadata) -> AuthPoolError | None:
-        """Before the handler: None lets the call on, an error refuses it (later steps never enter).
-
-        `metadata` is the call's invocation metadata, read once for every step.
-        """
-        ...
-
-    def exit(
-        self, call: Call, context: grpc.aio.ServicerContext, code: grpc.StatusCode, raised: BaseException | None
-    ) -> None:
-        """After the call (or its stream) ended with `code`; `raised` is what ended it, if anything."""
+    def hooks(self, method: str) -> Hooks | None:
+        """What this step does on calls of `method` (`/authpool.v1.AuthPool/Allocate`); None: nothing."""
         ...
 
 
@@ -68,34 +77,16 @@ class Chain:
     def __init__(self, steps: Sequence[Step]) -> None:
         self._steps = tuple(steps)
 
-    async def _run(self, method: str, request: Any, context: grpc.aio.ServicerContext, final: Behavior) -> Any:
-        call, token = open_call(method)
-        metadata: Metadata = context.invocation_metadata() or ()
-        entered = 0
-        raised: BaseException | None = None
-        try:
-            for step in self._steps:
-                refusal = step.enter(call, context, metadata)
-                entered += 1
-                if refusal is not None:
-                    await context.abort_with_status(to_status(refusal))
-            call.admitted = True  # past every step: auth and rate limits let it through to the service
-            return await final(request, context)
-        except BaseException as error:
-            raised = error
-            raise
-        finally:
-            code = final_code(context, raised)
-            for step in reversed(self._steps[:entered]):
-                step.exit(call, context, code, raised)
-            close_call(token)
-
     def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         """`handler` of `method` (`/authpool.v1.AuthPool/Allocate`), with the steps around its behaviour."""
-        streaming = (handler.request_streaming, handler.response_streaming)
+        hooks = [found for found in (step.hooks(method) for step in self._steps) if found is not None]
+        enters = tuple(hook.enter for hook in hooks)
+        # The exits to run when the first k steps have entered (k = 0 .. all), the last to enter first.
+        exits_after = tuple(
+            tuple(hook.exit for hook in reversed(hooks[:entered]) if hook.exit is not None)
+            for entered in range(len(hooks) + 1)
+        )
         behavior = handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
-        run = self._run
-
         if inspect.isasyncgenfunction(behavior):
 
             async def drain(request: Any, context: grpc.aio.ServicerContext) -> None:
@@ -107,22 +98,37 @@ class Chain:
             final: Behavior = drain
         else:
             final = behavior
+
+        async def chained(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            call, token = open_call(method)
+            metadata: Metadata = dict(reversed(context.invocation_metadata() or ()))
+            entered = 0
+            raised: BaseException | None = None
+            try:
+                for enter in enters:
+                    refusal = enter(call, context, metadata)
+                    entered += 1
+                    if refusal is not None:
+                        await context.abort_with_status(to_status(refusal))
+                call.admitted = True  # past every step: auth and rate limits let it through to the service
+                if request.__class__ is _Undecodable:
+                    return await _refuse_undecodable(request, context)
+                return await final(request, context)
+            except BaseException as error:
+                raised = error
+                raise
+            finally:
+                code = final_code(context, raised)
+                for exit_ in exits_after[entered]:
+                    exit_(call, context, code, raised)
+                close_call(token)
+
         deserializer = handler.request_deserializer
-        if handler.request_streaming or deserializer is None:
-
-            async def chained(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                return await run(method, request, context, final)
-
-        else:
+        if not handler.request_streaming and deserializer is not None:
             # grpc answers a request it cannot decode with UNKNOWN and the exception's text;
             # decoding to a marker instead lets the chain (auth first) refuse it properly.
             deserializer = _tolerant(deserializer)
-
-            async def chained(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                if isinstance(request, _Undecodable):
-                    return await run(method, request, context, _refuse_undecodable)
-                return await run(method, request, context, final)
-
+        streaming = (handler.request_streaming, handler.response_streaming)
         return _FACTORIES[streaming](chained, deserializer, handler.response_serializer)
 
 

@@ -6,7 +6,7 @@ import grpc
 
 from authpool_server.errors import RateLimited
 from authpool_server.grpc_paths import service_of
-from authpool_server.interceptors.chain import Metadata
+from authpool_server.interceptors.chain import Hooks, Metadata
 from authpool_server.security.ratelimit import RateLimiter
 from authpool_server.security.settings import RateLimits
 from authpool_server.telemetry.call import Call
@@ -20,14 +20,10 @@ class RateLimitStep:
         # Probes and discovery are not limited: a throttled health check restarts pods.
         self._open_services = open_services
 
+    def hooks(self, method: str) -> Hooks | None:
+        return None if service_of(method) in self._open_services else Hooks(self.enter)
+
     def enter(self, call: Call, context: grpc.aio.ServicerContext, metadata: Metadata) -> RateLimited | None:
-        if service_of(call.method) in self._open_services:
-            return None
         principal = call.principal or "anonymous"
         wait = self._limiter.acquire(principal)
         return RateLimited(principal, wait) if wait > 0 else None
-
-    def exit(
-        self, call: Call, context: grpc.aio.ServicerContext, code: grpc.StatusCode, raised: BaseException | None
-    ) -> None:
-        pass

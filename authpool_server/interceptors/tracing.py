@@ -38,7 +38,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode, TracerProvider
 
 from authpool_server import __version__
 from authpool_server.grpc_paths import method_name, service_of
-from authpool_server.interceptors.chain import Metadata
+from authpool_server.interceptors.chain import Hooks, Metadata
 from authpool_server.telemetry.call import Call
 from authpool_server.telemetry.recorder import NO_SPAN
 
@@ -83,10 +83,12 @@ class TracingStep:
             }
         return attributes
 
+    def hooks(self, method: str) -> Hooks:
+        return Hooks(self.enter, self.exit)
+
     def enter(self, call: Call, context: grpc.aio.ServicerContext, metadata: Metadata) -> None:
-        carrier = {key: value for key, value in metadata if key in self._fields}
-        if carrier:
-            call.parent = propagate.extract(carrier)
+        if not self._fields.isdisjoint(metadata):  # the propagators read only their own fields
+            call.parent = propagate.extract(metadata)
 
     def exit(
         self, call: Call, context: grpc.aio.ServicerContext, code: grpc.StatusCode, raised: BaseException | None

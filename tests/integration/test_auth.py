@@ -181,6 +181,13 @@ async def test_bad_or_missing_tokens_are_unauthenticated_and_change_nothing(
     assert not status.clients
 
 
+async def test_of_two_authorization_headers_the_first_decides(channel: grpc.aio.Channel) -> None:
+    good, bad = f"Bearer {TOKENS[Role.OPERATOR]}", "Bearer not-a-token-of-ours-123456"
+    assert await call(channel, "Status", (("authorization", good), ("authorization", bad))) is grpc.StatusCode.OK
+    refused = await call(channel, "Status", (("authorization", bad), ("authorization", good)))
+    assert refused is grpc.StatusCode.UNAUTHENTICATED
+
+
 async def test_a_rotated_token_and_its_predecessor_both_work(channel: grpc.aio.Channel) -> None:
     for token in (TOKENS[Role.ADMIN], ROTATED_ADMIN):
         assert await call(channel, "DrainSubscription", bearer(token)) is grpc.StatusCode.NOT_FOUND
