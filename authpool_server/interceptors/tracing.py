@@ -87,8 +87,10 @@ class TracingStep:
         return Hooks(self.enter, self.exit)
 
     def enter(self, call: Call, context: grpc.aio.ServicerContext, metadata: Metadata) -> None:
-        if not self._fields.isdisjoint(metadata):  # the propagators read only their own fields
-            call.parent = propagate.extract(metadata)
+        if not self._fields.isdisjoint(metadata):
+            # Only the propagators' own fields: a propagator that lists every key (Jaeger's baggage,
+            # OT's) must not see the bearer token, nor the bytes of `-bin` entries.
+            call.parent = propagate.extract({field: metadata[field] for field in self._fields if field in metadata})
 
     def exit(
         self, call: Call, context: grpc.aio.ServicerContext, code: grpc.StatusCode, raised: BaseException | None

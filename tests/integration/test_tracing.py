@@ -17,15 +17,21 @@ from collections.abc import AsyncIterator, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 from authpool_client.api import authpool_pb2 as pb
 from authpool_client.api import authpool_pb2_grpc
+from opentelemetry import propagate
+from opentelemetry.context import Context
+from opentelemetry.propagators.composite import CompositePropagator
+from opentelemetry.propagators.textmap import Getter, Setter, TextMapPropagator, default_getter, default_setter
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from authpool_server.domain import PoolSpec
 from authpool_server.security.roles import Principal, Role
@@ -277,6 +283,47 @@ async def test_spans_name_the_principal_and_never_its_token(traced_server: Trace
     for span in (allocate, renew):
         texts = every_string(span)
         assert not [text for text in texts if CALLER_TOKEN in text or "wrong-token" in text], texts
+
+
+class KeyListingPropagator(TextMapPropagator):
+    """A propagator that reads every key it is handed, as Jaeger's and OT's baggage do."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def extract(self, carrier: Any, context: Context | None = None, getter: Getter[Any] = default_getter) -> Context:
+        self.seen.extend(getter.keys(carrier))
+        return context if context is not None else Context()
+
+    def inject(self, carrier: Any, context: Context | None = None, setter: Setter[Any] = default_setter) -> None:
+        pass
+
+    @property
+    def fields(self) -> set[str]:
+        return {"uber-trace-id"}
+
+
+@pytest.fixture
+def key_listing_propagator() -> Iterator[KeyListingPropagator]:
+    listing = KeyListingPropagator()
+    previous = propagate.get_global_textmap()
+    propagate.set_global_textmap(CompositePropagator([TraceContextTextMapPropagator(), listing]))
+    try:
+        yield listing
+    finally:
+        propagate.set_global_textmap(previous)
+
+
+async def test_a_propagator_is_handed_its_fields_never_the_token(
+    key_listing_propagator: KeyListingPropagator, traced_server: TracedServer, collector: Collector
+) -> None:
+    call = await _call(traced_server, ALLOCATE, pb.AllocateRequest(client_id="laptop-7"))
+    assert await call.code() == grpc.StatusCode.OK
+    await traced_server.stop()
+
+    assert key_listing_propagator.seen == ["traceparent"]
+    [span] = collector.server_spans(ALLOCATE)
+    assert int.from_bytes(span.trace_id, "big") == TRACE_ID
 
 
 def test_without_an_otlp_endpoint_no_span_is_made(clean_otel_env: pytest.MonkeyPatch) -> None:
