@@ -95,16 +95,16 @@ class _Asked:
     reset: Cursor
     rate_limit: Cursor
     auth_failure: Cursor
-    ok: Cursor  # the newest success, which only an auth failure makes worth reading
 
 
 @dataclass(slots=True)
 class _FollowedUp:
-    """What the first answers called for: the spend after the provider's report, the auth failures after the success."""
+    """What the first answers called for: the spend after the provider's report, the newest success before failures."""
 
     ppm: int | None  # of the provider's newest report in the current window
     spend_after: Cursor | None  # None: no report there
-    failures: Cursor | None  # None: no auth failure retained
+    ok: Cursor | None  # None: no auth failure retained
+    failures: Cursor | None = None  # the auth failures after the newest success, asked once it is known
 
 
 async def _ask(conn: Connection, s: UsageStatements, sid: str, starts: tuple[float, ...], before: float) -> _Asked:
@@ -117,7 +117,6 @@ async def _ask(conn: Connection, s: UsageStatements, sid: str, starts: tuple[flo
         reset=await ask(s.newest_reset, (sid, before)),
         rate_limit=await ask(s.newest_rate_limit, (sid, before)),
         auth_failure=await ask(s.has_auth_failure, (sid, before)),
-        ok=await ask(s.newest_ok, (sid, before)),
     )
 
 
@@ -127,13 +126,17 @@ async def _follow_up(conn: Connection, s: UsageStatements, sid: str, before: flo
     if report is not None:
         at, request_id, ppm = report
         spend_after = await conn.execute(s.spend_after, (sid, at, before, at, request_id))
-    failures = None
-    if await asked.auth_failure.fetchone() is not None:
-        ok = await asked.ok.fetchone()
+    # Only where an auth failure calls for it: a subscription with no success retained makes it read every record.
+    ok = await conn.execute(s.newest_ok, (sid, before)) if await asked.auth_failure.fetchone() is not None else None
+    return _FollowedUp(ppm, spend_after, ok)
+
+
+async def _ask_failures(conn: Connection, s: UsageStatements, sid: str, before: float, followed: _FollowedUp) -> None:
+    if followed.ok is not None:
+        ok = await followed.ok.fetchone()
         # With no success retained, every auth failure counts: from before the first record on.
         after = ok if ok is not None else (-math.inf, "")
-        failures = await conn.execute(s.auth_failures_after, (sid, after[0], before, *after))
-    return _FollowedUp(ppm, spend_after, failures)
+        followed.failures = await conn.execute(s.auth_failures_after, (sid, after[0], before, *after))
 
 
 async def _summary(asked: _Asked, followed: _FollowedUp) -> EarlySpend:
@@ -152,11 +155,11 @@ async def _summary(asked: _Asked, followed: _FollowedUp) -> EarlySpend:
 async def early_usage(conn: Connection, s: UsageStatements, plan: UsagePlan) -> EarlyUsage:
     """`usage.summarize(..., request_ids=True)`'s summary of the records before `plan.recent_since`.
 
-    Asked in pipeline mode, every subscription's questions at once and then
-    the follow-ups their answers call for: two round trips to the database
-    whatever the number of subscriptions. Asked in turn, they were about
-    nine a subscription, which a database a millisecond away would have made
-    seconds of a restart with a thousand subscriptions.
+    Asked in pipeline mode, every subscription's questions at once, then the
+    follow-ups their answers call for, in three rounds: three round trips to
+    the database whatever the number of subscriptions. Asked in turn, they
+    were about nine a subscription, which a database a millisecond away
+    would have made seconds of a restart with a thousand subscriptions.
     """
     before = plan.recent_since
     if before == -math.inf:
@@ -166,6 +169,8 @@ async def early_usage(conn: Connection, s: UsageStatements, plan: UsagePlan) -> 
         ids = await conn.execute(s.request_ids, (before,))
         asked = {sid: await _ask(conn, s, sid, starts, before) for sid, starts in plan.starts.items()}
         followed = {sid: await _follow_up(conn, s, sid, before, first) for sid, first in asked.items()}
+        for sid, then in followed.items():
+            await _ask_failures(conn, s, sid, before, then)
         subscriptions = {sid: await _summary(asked[sid], followed[sid]) for sid in asked}
         early_fallback = [(at, cost) for at, cost in await fallback.fetchall()]
         early_ids = [(at, request_id, sid) for at, request_id, sid in await ids.fetchall()]
