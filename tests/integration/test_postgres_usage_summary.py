@@ -76,14 +76,16 @@ async def summarise(
     starts = (NOW - 2 * DAY, NOW - DAY)  # the budget window, and an extra one
     plan = UsagePlan(now=NOW, recent_since=NOW - 6 * 3600, starts={f"sub-{n}": starts for n in range(subscriptions)})
     fd, path = tempfile.mkstemp(suffix=".trace")
+    conn.pgconn.trace(fd)
     try:
-        conn.pgconn.trace(fd)
         conn.pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS)
         early = await early_usage(conn, UsageStatements(schema), plan)
-        conn.pgconn.untrace()
+    finally:
+        conn.pgconn.untrace()  # before the file goes: libpq writes to it until told to stop
+        os.close(fd)
+    try:
         return early, sent_by_client(Path(path))
     finally:
-        os.close(fd)
         os.unlink(path)
 
 
